@@ -1,0 +1,106 @@
+"""Reference beam step in PyTorch: the semantics every backend must reproduce, and the CPU path.
+
+One step of SID beam search at level l, for B requests with up to K beams each:
+
+    logp[b, k, c]  = log_softmax(logits[b, k, :])[c]            (model probability of code c)
+    cand[b, k, j]  = scores[b, k] + logp[b, k, code of child j of state[b, k]]
+    out            = top-k_out of cand over (k, j), ties broken by the lower (k, child) index
+
+Only a beam's valid children are scored: for CSR levels the candidates are the <= max_children
+children of each beam's state (K x branching, not K x V); for dense levels the whole codebook is
+gathered through the dense table. Dead beams carry score -inf and state -1.
+
+Fill rule: when fewer than k_out candidates are valid, the tail of the output has score -inf,
+parent 0, code 0 and state -1, and `n_valid[b]` says how many leading entries are real.
+Per-request beam widths: entries at positions >= beam_widths[b] are filled the same way.
+Exclusion (last level only): a candidate whose leaf is masked globally (`leaf_mask`) or listed
+in the request's `exclude_leaves` (B, E; -1 padding) is invalid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.trie import PrefixTrie
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class StepOutput:
+    scores: Tensor  # (B, k_out) float32 cumulative log-probabilities, -inf past n_valid
+    parents: Tensor  # (B, k_out) int64 beam index in the previous step
+    codes: Tensor  # (B, k_out) int64 code chosen at this level
+    states: Tensor  # (B, k_out) int64 state at the next level (a leaf at the last level), -1 past n_valid
+    n_valid: Tensor  # (B,) int64
+
+
+def candidates(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie: PrefixTrie,
+               exclude_leaves: Tensor | None = None, leaf_mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Scored candidates. Returns cand (B, K, W) float32, code (B, K, W), child state (B, K, W)."""
+    B, K, V = logits.shape
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
+    alive = states >= 0
+    s = states.clamp(min=0)
+    dense = trie.dense[level]
+    if dense is not None:
+        child = dense[s].long()  # (B, K, V)
+        code = torch.arange(V, device=logits.device).expand(B, K, V)
+        lp = logp
+    else:
+        rp = trie.row_ptr[level]
+        lo, hi = rp[s].long(), rp[s + 1].long()  # (B, K)
+        W = max(1, trie.max_children[level])
+        child = lo[..., None] + torch.arange(W, device=logits.device)  # (B, K, W)
+        ok = child < hi[..., None]
+        child = torch.where(ok, child, torch.full_like(child, -1))
+        code = trie.codes[level][child.clamp(min=0)].long()
+        lp = torch.gather(logp, 2, code)
+    valid = (child >= 0) & alive[..., None]
+    if level == trie.num_levels - 1:
+        leaf = child.clamp(min=0)
+        if leaf_mask is not None:
+            valid &= ~leaf_mask[leaf]
+        if exclude_leaves is not None and exclude_leaves.numel():
+            hit = (leaf[..., None] == exclude_leaves[:, None, None, :]).any(-1)  # (B, K, W)
+            valid &= ~hit
+    cand = torch.where(valid, scores[..., None].float() + lp, torch.full_like(lp, NEG_INF))
+    child = torch.where(valid, child, torch.full_like(child, -1))
+    return cand, code, child
+
+
+def beam_step_reference(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie: PrefixTrie,
+                        k_out: int, beam_widths: Tensor | None = None,
+                        exclude_leaves: Tensor | None = None, leaf_mask: Tensor | None = None
+                        ) -> StepOutput:
+    """logits (B, K, V) for level `level`; scores (B, K); states (B, K). See module docstring."""
+    B, K, _ = logits.shape
+    cand, code, child = candidates(logits, scores, states, level, trie, exclude_leaves, leaf_mask)
+    W = cand.shape[2]
+    flat = cand.reshape(B, K * W)
+    k = min(k_out, K * W)
+    # Stable descending sort: equal scores keep the lower flat (beam, child) index first.
+    top, idx = torch.sort(flat, dim=1, descending=True, stable=True)
+    top, idx = top[:, :k], idx[:, :k]
+    parents = idx // W
+    codes = torch.gather(code.reshape(B, -1), 1, idx)
+    nxt = torch.gather(child.reshape(B, -1), 1, idx)
+    valid = top > NEG_INF
+    pos = torch.arange(k, device=logits.device)[None]
+    if beam_widths is not None:
+        valid &= pos < beam_widths[:, None]
+    if k < k_out:  # pad to the requested width
+        pad = k_out - k
+        top = torch.cat([top, top.new_full((B, pad), NEG_INF)], 1)
+        parents = torch.cat([parents, parents.new_zeros(B, pad)], 1)
+        codes = torch.cat([codes, codes.new_zeros(B, pad)], 1)
+        nxt = torch.cat([nxt, nxt.new_full((B, pad), -1)], 1)
+        valid = torch.cat([valid, valid.new_zeros(B, pad)], 1)
+    top = torch.where(valid, top, torch.full_like(top, NEG_INF))
+    parents = torch.where(valid, parents, torch.zeros_like(parents))
+    codes = torch.where(valid, codes, torch.zeros_like(codes))
+    nxt = torch.where(valid, nxt, torch.full_like(nxt, -1))
+    return StepOutput(top, parents, codes, nxt, valid.sum(1))

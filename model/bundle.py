@@ -1,0 +1,178 @@
+"""Bundle I/O: the versioned directory that is the contract between training and serving.
+
+A bundle holds `config.json` (model hyper-parameters, SID layout, format version, dataset
+fingerprint, creation time, evaluation summary, and the sha256 of every file), `model.safetensors`,
+`sid_map.safetensors` (PID->SID, int64 [L, N]), `codebooks.safetensors` (quantizer centroids),
+`item_ids.json` (internal index -> external id), `metrics.json` and an optional `report/` folder.
+
+Weights are safetensors only: a bundle never contains a pickle. A bundle is written into a
+temporary sibling directory and renamed into place when complete; loading verifies every
+checksum and shape and refuses a broken bundle with a message naming the file at fault.
+This module needs neither the training package nor the service.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.transformer import SIDTransformer
+
+FORMAT_VERSION = 1
+REQUIRED = ("config.json", "model.safetensors", "sid_map.safetensors", "item_ids.json")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupted or incompatible."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    config: dict[str, Any]
+    model_config: ModelConfig
+    model: SIDTransformer
+    sid_map: torch.Tensor  # (L, N) int64
+    item_ids: list[str]
+    codebooks: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.config.get("version", "unknown"))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, item_ids: list[str],
+                codebooks: dict[str, torch.Tensor] | None = None, metrics: dict[str, Any] | None = None,
+                extra_config: dict[str, Any] | None = None, report_dir: str | Path | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a complete bundle at `path` atomically (temp dir + rename). Returns the path."""
+    path = Path(path)
+    sid_map = torch.as_tensor(sid_map).to(torch.int64).cpu().contiguous()
+    cfg = model.cfg
+    if sid_map.dim() != 2 or sid_map.shape[0] != cfg.num_levels:
+        raise BundleError(f"sid_map must be [L={cfg.num_levels}, N], got {tuple(sid_map.shape)}")
+    if sid_map.shape[1] != len(item_ids):
+        raise BundleError(f"sid_map has {sid_map.shape[1]} items but item_ids has {len(item_ids)}")
+    if len(set(item_ids)) != len(item_ids):
+        raise BundleError("item_ids contains duplicates")
+    if path.exists() and not overwrite:
+        raise BundleError(f"bundle path {path} already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        save_file({"sid_map": sid_map}, str(tmp / "sid_map.safetensors"))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in (codebooks or {}).items()}
+                  or {"empty": torch.zeros(0)}, str(tmp / "codebooks.safetensors"))
+        _write_json(tmp / "item_ids.json", list(item_ids))
+        _write_json(tmp / "metrics.json", metrics or {})
+        if report_dir is not None and Path(report_dir).is_dir():
+            shutil.copytree(report_dir, tmp / "report")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        config = {
+            "format_version": FORMAT_VERSION,
+            "version": time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6],
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": cfg.to_dict(),
+            "num_items": len(item_ids),
+            **(extra_config or {}),
+            "files": files,
+        }
+        _write_json(tmp / "config.json", config)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle directory {path} does not exist")
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise BundleError(f"bundle {path} is incomplete: {name} is missing")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path / 'config.json'} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    fv = config.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise BundleError(f"{path / 'config.json'} has format_version {fv!r}; this sidrec reads {FORMAT_VERSION}")
+    return config
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Bundle:
+    """Load and validate a bundle. Raises BundleError naming the file at fault."""
+    path = Path(path)
+    config = read_config(path)
+    if verify:
+        for name, digest in config.get("files", {}).items():
+            f = path / name
+            if not f.is_file():
+                raise BundleError(f"bundle {path} is incomplete: {name} is missing")
+            if _sha256(f) != digest:
+                raise BundleError(f"bundle file {f} is corrupted (sha256 differs from config.json)")
+    try:
+        mcfg = ModelConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path / 'config.json'}: invalid model config ({e})") from None
+    model = SIDTransformer(mcfg)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError) as e:
+        raise BundleError(f"{path / 'model.safetensors'} does not match the model config: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+    model.eval().to(device)
+    sid_map = load_file(str(path / "sid_map.safetensors")).get("sid_map")
+    item_ids = json.loads((path / "item_ids.json").read_text())
+    if sid_map is None or sid_map.dim() != 2 or sid_map.shape[0] != mcfg.num_levels:
+        raise BundleError(f"{path / 'sid_map.safetensors'} must hold 'sid_map' of shape [{mcfg.num_levels}, N]")
+    if sid_map.shape[1] != len(item_ids):
+        raise BundleError(f"{path / 'sid_map.safetensors'} has {sid_map.shape[1]} items, "
+                          f"item_ids.json has {len(item_ids)}")
+    cards = torch.tensor(mcfg.layout.cardinalities)[:, None]
+    if bool((sid_map < 0).any()) or bool((sid_map >= cards).any()):
+        raise BundleError(f"{path / 'sid_map.safetensors'} has codes outside the layout's cardinalities")
+    codebooks = {}
+    if (path / "codebooks.safetensors").is_file():
+        codebooks = {k: v for k, v in load_file(str(path / "codebooks.safetensors")).items() if k != "empty"}
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    return Bundle(path, config, mcfg, model, sid_map.to(torch.int64), list(map(str, item_ids)), codebooks, metrics)

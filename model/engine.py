@@ -1,0 +1,115 @@
+"""RecommendEngine: a loaded bundle ready to decode on one device. No web framework in here.
+
+Owns the model, the device-side prefix trie, the item mask (deleted / out-of-stock items) and
+the chosen beam-step implementation; turns internal-index histories into ranked items.
+Mapping external ids is done here too (a dict), so callers without Redis work the same way;
+the service's inverse index maps SIDs back to ids for deployments that keep that in Redis.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from kernels.dispatch import get_beam_step
+from kernels.trie import PrefixTrie
+from model.beam_search import BeamResult, beam_search, encode_histories, score_items
+from model.bundle import Bundle, load_bundle
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "cpu"
+    beam_step: str = "auto"  # 'auto' | 'reference' | 'triton'
+    dtype: str = "float32"  # 'float32' | 'bfloat16' (autocast for the transformer)
+    max_beam_width: int = 4096
+    num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's default
+
+
+class RecommendEngine:
+    def __init__(self, bundle: Bundle, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        if self.options.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"engine dtype must be 'float32' or 'bfloat16', got {self.options.dtype!r}")
+        if self.options.num_threads:
+            torch.set_num_threads(self.options.num_threads)
+        self.device = torch.device(self.options.device)
+        self.bundle = bundle
+        self.model = bundle.model.to(self.device).eval()
+        self.cfg = bundle.model_config
+        self.sid_map = bundle.sid_map.to(self.device)
+        self.trie = PrefixTrie.build(bundle.sid_map, self.cfg.layout.cardinalities).to(self.device)
+        self.item_ids = bundle.item_ids
+        self.index_of = {iid: i for i, iid in enumerate(self.item_ids)}
+        self.item_mask = torch.zeros(len(self.item_ids), dtype=torch.bool, device=self.device)
+        self.beam_step = get_beam_step(self.device, self.options.beam_step)
+        self._lock = threading.Lock()  # the model is not re-entrant across threads
+
+    @classmethod
+    def from_path(cls, path: str, options: EngineOptions | None = None) -> "RecommendEngine":
+        opts = options or EngineOptions()
+        return cls(load_bundle(path, device=opts.device), opts)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def to_internal(self, external: Sequence[str]) -> tuple[list[int], list[str]]:
+        """External ids -> (known internal indices in order, unknown ids)."""
+        known, unknown = [], []
+        for x in external:
+            i = self.index_of.get(str(x))
+            (unknown.append(str(x)) if i is None else known.append(i))
+        return known, unknown
+
+    def set_masked(self, external: Sequence[str], masked: bool = True) -> list[str]:
+        """Mask (or unmask) items without rebuilding anything. Returns the ids not in the catalogue."""
+        idx, unknown = self.to_internal(external)
+        if idx:
+            self.item_mask[torch.tensor(idx, device=self.device)] = masked
+        return unknown
+
+    def _autocast(self):
+        if self.options.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def recommend(self, histories: Sequence[Sequence[int]], beam_width: int | Sequence[int], top_n: int,
+                  exclude: Sequence[Sequence[int]] | None = None) -> BeamResult:
+        """Top-`top_n` items for each internal-index history. exclude: per-request items to skip."""
+        widths = [beam_width] * len(histories) if isinstance(beam_width, int) else list(beam_width)
+        if not histories:
+            raise ValueError("recommend needs at least one history")
+        if max(widths) > self.options.max_beam_width:
+            raise ValueError(f"beam_width {max(widths)} exceeds the engine's limit {self.options.max_beam_width}")
+        src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
+        ex = None
+        if exclude is not None and any(len(e) for e in exclude):
+            E = max(len(e) for e in exclude)
+            ex = torch.full((len(exclude), E), -1, dtype=torch.int64)
+            for b, e in enumerate(exclude):
+                if e:
+                    ex[b, : len(e)] = torch.as_tensor(list(e), dtype=torch.int64)
+        item_mask = self.item_mask if bool(self.item_mask.any()) else None
+        with self._lock, torch.inference_mode(), self._autocast():
+            return beam_search(self.model, self.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
+                               top_n, exclude_items=ex, item_mask=item_mask, beam_step=self.beam_step,
+                               cache_dtype=torch.float32)
+
+    def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
+        """Log-likelihood (B, M) of each candidate item (internal indices; ragged rows padded -inf)."""
+        src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
+        M = max([len(c) for c in candidates] + [1])
+        cand = torch.full((len(candidates), M), -1, dtype=torch.int64)
+        for b, c in enumerate(candidates):
+            if c:
+                cand[b, : len(c)] = torch.as_tensor(list(c), dtype=torch.int64)
+        with self._lock, torch.inference_mode(), self._autocast():
+            return score_items(self.model, src, mask, cand.to(self.device), self.sid_map).cpu()

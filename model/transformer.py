@@ -1,0 +1,326 @@
+"""The SID transformer: a TIGER-style encoder-decoder and a decoder-only variant over SID tokens.
+
+Both architectures expose the same two decoding entry points used by `model.beam_search`:
+
+* `prefill(src, src_mask)` runs the history once and returns a `Prefix` holding the per-layer
+  keys/values every beam of a request attends to (the encoder's cross-attention K/V, or the
+  decoder-only model's history cache). Beams index into it; nothing is copied per beam.
+* `decode_step(prefix, cache, tokens, step)` advances all beams by one SID level, writing the
+  new self-attention K/V into a `BeamCache` preallocated for L steps, and returns logits over
+  that level's codebook only (each level owns a disjoint vocabulary slice).
+
+It is not a general language model: the decoder only ever generates the L codes of one item.
+Layer layout is pre-norm (RMSNorm), no biases, GELU feed-forward, tied input/output embeddings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import BOS_ID, PAD_ID, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.drop(F.gelu(self.up(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with T5's head size (heads * d_head need not equal d_model)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.dh = cfg.n_heads, cfg.d_head
+        inner = cfg.n_heads * cfg.d_head
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.p_drop = cfg.dropout
+
+    def split(self, x: Tensor) -> Tensor:  # (B, T, H*dh) -> (B, H, T, dh)
+        return x.unflatten(-1, (self.h, self.dh)).transpose(1, 2)
+
+    def merge(self, x: Tensor) -> Tensor:  # (B, H, T, dh) -> (B, T, H*dh)
+        return x.transpose(1, 2).flatten(2)
+
+    def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split(self.k(x)), self.split(self.v(x))
+
+    def forward(self, x: Tensor, mem: Tensor | None = None, mask: Tensor | None = None,
+                causal: bool = False) -> Tensor:
+        q = self.split(self.q(x))
+        k, v = self.kv(x if mem is None else mem)
+        p = self.p_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.o(self.merge(out))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.n2, self.ff = RMSNorm(cfg.d_model), FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
+        x = x + self.drop(self.attn(self.n1(x), mask=mask, causal=causal))
+        return x + self.drop(self.ff(self.n2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.n2, self.cross = RMSNorm(cfg.d_model), Attention(cfg)
+        self.n3, self.ff = RMSNorm(cfg.d_model), FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mem: Tensor, mem_mask: Tensor | None) -> Tensor:
+        x = x + self.drop(self.self_attn(self.n1(x), causal=True))
+        x = x + self.drop(self.cross(self.n2(x), mem=mem, mask=mem_mask))
+        return x + self.drop(self.ff(self.n3(x)))
+
+
+@dataclass
+class Prefix:
+    """Per-request state shared by all beams: one (K, V) pair per decoder layer, (B, H, T, dh)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    mask: Tensor  # (B, 1, 1, T) additive float mask: 0 for real tokens, -inf for padding
+
+
+@dataclass
+class BeamCache:
+    """Per-beam self-attention cache, preallocated for L steps: (B, K, H, L, dh) per layer."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    def reorder(self, parents: Tensor, length: int) -> None:
+        """Make beam j of the next step continue from beam parents[:, j]. parents: (B, K')."""
+        k_new = parents.shape[1]
+        for buf in (self.keys, self.values):
+            for i, c in enumerate(buf):
+                idx = parents[:, :, None, None, None].expand(-1, -1, c.shape[2], length, c.shape[4])
+                g = torch.gather(c[:, :, :, :length], 1, idx)  # (B, K', H, length, dh)
+                if k_new > c.shape[1]:
+                    raise ValueError(f"cache holds {c.shape[1]} beams, asked for {k_new}")
+                c[:, :k_new, :, :length] = g
+
+
+def _additive_mask(src_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) bool keep-mask -> (B, 1, 1, T) additive mask (0 or -inf)."""
+    m = torch.zeros(src_mask.shape, dtype=dtype, device=src_mask.device)
+    m = m.masked_fill(~src_mask, float("-inf"))
+    return m[:, None, None, :]
+
+
+def _cached_attention(attn: Attention, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
+                      prefix_mask: Tensor | None, cache_k: Tensor | None, cache_v: Tensor | None,
+                      step: int) -> Tensor:
+    """Attention of K beam queries over a shared prefix and/or each beam's own cache.
+
+    x: (B, K, D). prefix_k/v: (B, H, T, dh), shared by the K beams: they become the query rows of
+    one attention call, so the prefix is read once per request instead of once per beam.
+    cache_k/v: (B, Kmax, H, L, dh); this step's key/value are written at position `step` first.
+    Softmax runs jointly over [prefix ; own cache] by concatenating the two score blocks.
+    """
+    B, K, _ = x.shape
+    q = attn.q(x).unflatten(-1, (attn.h, attn.dh))  # (B, K, H, dh)
+    scale = 1.0 / math.sqrt(attn.dh)
+    scores = []
+    if prefix_k is not None:
+        s_pre = torch.einsum("bkhd,bhtd->bkht", q, prefix_k) * scale  # (B, K, H, T)
+        if prefix_mask is not None:
+            s_pre = s_pre + prefix_mask[:, 0, 0][:, None, None, :]
+        scores.append(s_pre)
+    if cache_k is not None:
+        k_new = attn.k(x).unflatten(-1, (attn.h, attn.dh))  # (B, K, H, dh)
+        v_new = attn.v(x).unflatten(-1, (attn.h, attn.dh))
+        cache_k[:, :K, :, step] = k_new
+        cache_v[:, :K, :, step] = v_new
+        ck, cv = cache_k[:, :K, :, : step + 1], cache_v[:, :K, :, : step + 1]  # (B, K, H, t, dh)
+        scores.append(torch.einsum("bkhd,bkhtd->bkht", q, ck) * scale)  # (B, K, H, t)
+    p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+    out = torch.zeros_like(q)
+    off = 0
+    if prefix_k is not None:
+        T = prefix_k.shape[2]
+        out = out + torch.einsum("bkht,bhtd->bkhd", p[..., :T], prefix_v)
+        off = T
+    if cache_k is not None:
+        out = out + torch.einsum("bkht,bkhtd->bkhd", p[..., off:], cv)
+    return attn.o(out.flatten(2))
+
+
+class SIDTransformer(nn.Module):
+    """Generates an item's L SID codes from a history of SID tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        lay = cfg.layout
+        self.L = lay.num_levels
+        self.offsets = lay.offsets
+        self.cards = lay.cardinalities
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(lay.vocab_size, D, padding_idx=PAD_ID)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.arch == "encoder_decoder":
+            # Encoder positions count from the most recent token backwards, so recency keeps its
+            # meaning whatever the history length (histories are left-padded).
+            self.enc_pos = nn.Embedding(cfg.max_source_tokens, D)
+            self.dec_pos = nn.Embedding(self.L, D)
+            self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+            self.enc_norm = RMSNorm(D)
+            self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        else:
+            # Decoder-only: history tokens then the target's codes in one causal stream.
+            self.pos = nn.Embedding(cfg.max_source_tokens + self.L, D)
+            self.decoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        self.dec_norm = RMSNorm(D)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ---- shared pieces -------------------------------------------------------------------
+    def level_logits(self, h: Tensor, level: int) -> Tensor:
+        """h (..., D) -> logits over level `level`'s codebook (..., C_l), tied to the embeddings."""
+        w = self.tok_emb.weight[self.offsets[level]: self.offsets[level] + self.cards[level]]
+        return F.linear(h, w) * (self.cfg.d_model ** -0.5)
+
+    def code_tokens(self, codes: Tensor) -> Tensor:
+        """codes (..., L') at levels 0..L'-1 -> token ids."""
+        off = torch.tensor(self.offsets[: codes.shape[-1]], device=codes.device)
+        return codes + off
+
+    # ---- encoder-decoder ------------------------------------------------------------------
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """src (B, T) token ids, left-padded; src_mask (B, T) bool. -> memory (B, T, D)."""
+        T = src.shape[1]
+        pos = torch.arange(T - 1, -1, -1, device=src.device)
+        x = self.drop(self.tok_emb(src) + self.enc_pos(pos))
+        mask = _additive_mask(src_mask, x.dtype)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.enc_norm(x)
+
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_codes: Tensor) -> list[Tensor]:
+        """Teacher-forced training pass. tgt_codes (B, L) -> per-level logits [(B, C_l)]."""
+        if self.cfg.arch == "decoder_only":
+            return self._forward_decoder_only(src, src_mask, tgt_codes)
+        mem = self.encode(src, src_mask)
+        B = src.shape[0]
+        dec_in = torch.cat([torch.full((B, 1), BOS_ID, device=src.device, dtype=src.dtype),
+                            self.code_tokens(tgt_codes[:, :-1])], dim=1)  # (B, L)
+        x = self.drop(self.tok_emb(dec_in) + self.dec_pos.weight[None])
+        mask = _additive_mask(src_mask, x.dtype)
+        for layer in self.decoder:
+            x = layer(x, mem, mask)
+        h = self.dec_norm(x)  # (B, L, D)
+        return [self.level_logits(h[:, l], l) for l in range(self.L)]
+
+    # ---- decoder-only ---------------------------------------------------------------------
+    def _positions(self, src_mask: Tensor) -> Tensor:
+        """Absolute positions counted from the first real token (left padding gets 0)."""
+        return (src_mask.long().cumsum(1) - 1).clamp(min=0)
+
+    def _forward_decoder_only(self, src: Tensor, src_mask: Tensor, tgt_codes: Tensor) -> list[Tensor]:
+        B, T = src.shape
+        dec_in = torch.cat([src, torch.full((B, 1), BOS_ID, device=src.device, dtype=src.dtype),
+                            self.code_tokens(tgt_codes[:, :-1])], dim=1)  # (B, T+L)
+        keep = torch.cat([src_mask, torch.ones(B, self.L, dtype=torch.bool, device=src.device)], 1)
+        pos = self._positions(keep)
+        x = self.drop(self.tok_emb(dec_in) + self.pos(pos))
+        causal = torch.ones(T + self.L, T + self.L, dtype=torch.bool, device=src.device).tril()
+        allowed = causal[None] & keep[:, None, :]
+        allowed = allowed | torch.eye(T + self.L, dtype=torch.bool, device=src.device)[None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        mask = mask[:, None]  # (B, 1, S, S)
+        for layer in self.decoder:
+            x = layer(x, mask)
+        h = self.dec_norm(x[:, T:])  # (B, L, D)
+        return [self.level_logits(h[:, l], l) for l in range(self.L)]
+
+    # ---- cached decoding (used by beam search) ---------------------------------------------
+    @torch.no_grad()
+    def prefill(self, src: Tensor, src_mask: Tensor) -> Prefix:
+        """Run the history once. src (B, T) left-padded tokens; src_mask (B, T) bool."""
+        if self.cfg.arch == "encoder_decoder":
+            mem = self.encode(src, src_mask)
+            ks, vs = zip(*(layer.cross.kv(mem) for layer in self.decoder))
+            return Prefix(list(ks), list(vs), _additive_mask(src_mask, mem.dtype))
+        pos = self._positions(src_mask)
+        x = self.tok_emb(src) + self.pos(pos)
+        T = src.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=src.device).tril()
+        allowed = (causal[None] & src_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=src.device)[None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        ks, vs = [], []
+        for layer in self.decoder:
+            k, v = layer.attn.kv(layer.n1(x))
+            ks.append(k)
+            vs.append(v)
+            x = layer(x, mask[:, None])
+        return Prefix(ks, vs, _additive_mask(src_mask, x.dtype))
+
+    def new_cache(self, batch: int, beams: int, device: torch.device, dtype: torch.dtype) -> BeamCache:
+        cfg = self.cfg
+        shape = (batch, beams, cfg.n_heads, self.L, cfg.d_head)
+        n = len(self.decoder)
+        return BeamCache([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                         [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+
+    @torch.no_grad()
+    def decode_step(self, prefix: Prefix, cache: BeamCache, tokens: Tensor, step: int,
+                    src_len: Tensor | None = None) -> Tensor:
+        """Advance K beams by one level. tokens (B, K): the previous level's token (BOS at step 0).
+
+        Returns logits (B, K, C_step) over the codebook of level `step`.
+        src_len (B,) real history lengths, needed only by the decoder-only variant's positions.
+        """
+        if self.cfg.arch == "encoder_decoder":
+            x = self.tok_emb(tokens) + self.dec_pos.weight[step]
+            for i, layer in enumerate(self.decoder):
+                x = x + _cached_attention(layer.self_attn, layer.n1(x), None, None, None,
+                                          cache.keys[i], cache.values[i], step)
+                x = x + _cached_attention(layer.cross, layer.n2(x), prefix.keys[i], prefix.values[i],
+                                          prefix.mask, None, None, step)
+                x = x + layer.ff(layer.n3(x))
+        else:
+            if src_len is None:
+                raise ValueError("decoder-only decode_step needs src_len")
+            pos = (src_len + step).clamp(max=self.pos.num_embeddings - 1)  # (B,)
+            x = self.tok_emb(tokens) + self.pos(pos)[:, None, :]
+            for i, layer in enumerate(self.decoder):
+                x = x + _cached_attention(layer.attn, layer.n1(x), prefix.keys[i], prefix.values[i],
+                                          prefix.mask, cache.keys[i], cache.values[i], step)
+                x = x + layer.ff(layer.n2(x))
+        return self.level_logits(self.dec_norm(x), step)

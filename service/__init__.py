@@ -1,0 +1,1 @@
+"""sidrec online service: FastAPI app over the decoding engine."""

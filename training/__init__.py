@@ -1,0 +1,1 @@
+"""sidrec offline pipeline: data -> embeddings -> SIDs -> model -> evaluation -> bundle."""
