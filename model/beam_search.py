@@ -104,9 +104,16 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
     scores = torch.zeros(B, 1, device=device)
     states = torch.zeros(B, 1, dtype=torch.int64, device=device)
     codes_hist = torch.zeros(B, 1, 0, dtype=torch.int64, device=device)  # (B, K, l)
+    live = 1  # an upper bound on the live beams of a request, known without asking the device
     for level in range(L):
         logits = model.decode_step(prefix, cache, tokens, level, src_len)  # (B, Kc, C_l)
-        k_out = K if level < L - 1 else top_n
+        if level < L - 1:
+            # No more beams than (l+1)-prefixes in the catalogue, nor than children of the live
+            # beams: at beam 1000 the second level runs 256 rows instead of 1000 (744 dead).
+            live = min(K, trie.row_ptr[level + 1].numel() - 1, live * max(1, trie.max_children[level]))
+            k_out = live
+        else:
+            k_out = top_n
         out = beam_step(logits, scores, states, level, trie, k_out, width_t,
                         exclude_leaves if level == L - 1 else None,
                         leaf_mask if level == L - 1 else None)

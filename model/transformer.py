@@ -14,7 +14,6 @@ Layer layout is pre-norm (RMSNorm), no biases, GELU feed-forward, tied input/out
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import BOS_ID, PAD_ID, ModelConfig
+from model.decode import compute_dtype, decode_weights, run_decoder
 
 
 class RMSNorm(nn.Module):
@@ -119,15 +119,21 @@ class BeamCache:
     values: list[Tensor]
 
     def reorder(self, parents: Tensor, length: int) -> None:
-        """Make beam j of the next step continue from beam parents[:, j]. parents: (B, K')."""
-        k_new = parents.shape[1]
+        """Make beam j of the next step continue from beam parents[:, j]. parents: (B, K').
+
+        Only the `length` positions written so far move, as one row gather per (request, beam).
+        """
+        B, k_new = parents.shape
+        c0 = self.keys[0]
+        k_max = c0.shape[1]
+        if k_new > k_max:
+            raise ValueError(f"cache holds {k_max} beams, asked for {k_new}")
+        flat = (parents + torch.arange(B, device=parents.device)[:, None] * k_max).reshape(-1)  # (B*K',)
         for buf in (self.keys, self.values):
-            for i, c in enumerate(buf):
-                idx = parents[:, :, None, None, None].expand(-1, -1, c.shape[2], length, c.shape[4])
-                g = torch.gather(c[:, :, :, :length], 1, idx)  # (B, K', H, length, dh)
-                if k_new > c.shape[1]:
-                    raise ValueError(f"cache holds {c.shape[1]} beams, asked for {k_new}")
-                c[:, :k_new, :, :length] = g
+            for c in buf:
+                rows = c.view(B * k_max, *c.shape[2:])[:, :, :length]  # (B*Kmax, H, length, dh)
+                g = rows.index_select(0, flat)  # (B*K', H, length, dh), a copy: safe to write back
+                c[:, :k_new, :, :length] = g.view(B, k_new, *g.shape[1:])
 
 
 def _additive_mask(src_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -135,44 +141,6 @@ def _additive_mask(src_mask: Tensor, dtype: torch.dtype) -> Tensor:
     m = torch.zeros(src_mask.shape, dtype=dtype, device=src_mask.device)
     m = m.masked_fill(~src_mask, float("-inf"))
     return m[:, None, None, :]
-
-
-def _cached_attention(attn: Attention, x: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
-                      prefix_mask: Tensor | None, cache_k: Tensor | None, cache_v: Tensor | None,
-                      step: int) -> Tensor:
-    """Attention of K beam queries over a shared prefix and/or each beam's own cache.
-
-    x: (B, K, D). prefix_k/v: (B, H, T, dh), shared by the K beams: they become the query rows of
-    one attention call, so the prefix is read once per request instead of once per beam.
-    cache_k/v: (B, Kmax, H, L, dh); this step's key/value are written at position `step` first.
-    Softmax runs jointly over [prefix ; own cache] by concatenating the two score blocks.
-    """
-    B, K, _ = x.shape
-    q = attn.q(x).unflatten(-1, (attn.h, attn.dh))  # (B, K, H, dh)
-    scale = 1.0 / math.sqrt(attn.dh)
-    scores = []
-    if prefix_k is not None:
-        s_pre = torch.einsum("bkhd,bhtd->bkht", q, prefix_k) * scale  # (B, K, H, T)
-        if prefix_mask is not None:
-            s_pre = s_pre + prefix_mask[:, 0, 0][:, None, None, :]
-        scores.append(s_pre)
-    if cache_k is not None:
-        k_new = attn.k(x).unflatten(-1, (attn.h, attn.dh))  # (B, K, H, dh)
-        v_new = attn.v(x).unflatten(-1, (attn.h, attn.dh))
-        cache_k[:, :K, :, step] = k_new
-        cache_v[:, :K, :, step] = v_new
-        ck, cv = cache_k[:, :K, :, : step + 1], cache_v[:, :K, :, : step + 1]  # (B, K, H, t, dh)
-        scores.append(torch.einsum("bkhd,bkhtd->bkht", q, ck) * scale)  # (B, K, H, t)
-    p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
-    out = torch.zeros_like(q)
-    off = 0
-    if prefix_k is not None:
-        T = prefix_k.shape[2]
-        out = out + torch.einsum("bkht,bhtd->bkhd", p[..., :T], prefix_v)
-        off = T
-    if cache_k is not None:
-        out = out + torch.einsum("bkht,bkhtd->bkhd", p[..., off:], cv)
-    return attn.o(out.flatten(2))
 
 
 class SIDTransformer(nn.Module):
@@ -225,7 +193,7 @@ class SIDTransformer(nn.Module):
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """src (B, T) token ids, left-padded; src_mask (B, T) bool. -> memory (B, T, D)."""
         T = src.shape[1]
-        pos = torch.arange(T - 1, -1, -1, device=src.device)
+        pos = torch.arange(T, device=src.device).flip(0)  # T-1 .. 0 (flip: exports with a dynamic T)
         x = self.drop(self.tok_emb(src) + self.enc_pos(pos))
         mask = _additive_mask(src_mask, x.dtype)
         for layer in self.encoder:
@@ -280,8 +248,8 @@ class SIDTransformer(nn.Module):
         pos = self._positions(src_mask)
         x = self.tok_emb(src) + self.pos(pos)
         T = src.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=src.device).tril()
-        allowed = (causal[None] & src_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=src.device)[None]
+        ar = torch.arange(T, device=src.device)  # comparisons, not tril/eye: both export to ONNX
+        allowed = ((ar[:, None] >= ar[None]) & src_mask[:, None, :]) | (ar[:, None] == ar[None])  # (B, T, T)
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         ks, vs = [], []
         for layer in self.decoder:
@@ -292,35 +260,33 @@ class SIDTransformer(nn.Module):
         return Prefix(ks, vs, _additive_mask(src_mask, x.dtype))
 
     def new_cache(self, batch: int, beams: int, device: torch.device, dtype: torch.dtype) -> BeamCache:
+        """Per-beam self-attention K/V for L steps, (B, K, H, L, dh) per layer.
+
+        Uninitialised on purpose: a position is always written before it is read, and zero-filling
+        tens of MB per request at wide beams costs more than a decoder layer.
+        """
         cfg = self.cfg
         shape = (batch, beams, cfg.n_heads, self.L, cfg.d_head)
         n = len(self.decoder)
-        return BeamCache([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-                         [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
+        return BeamCache([torch.empty(shape, device=device, dtype=dtype) for _ in range(n)],
+                         [torch.empty(shape, device=device, dtype=dtype) for _ in range(n)])
 
     @torch.no_grad()
     def decode_step(self, prefix: Prefix, cache: BeamCache, tokens: Tensor, step: int,
                     src_len: Tensor | None = None) -> Tensor:
         """Advance K beams by one level. tokens (B, K): the previous level's token (BOS at step 0).
 
-        Returns logits (B, K, C_step) over the codebook of level `step`.
+        Returns fp32 logits (B, K, C_step) over the codebook of level `step`.
         src_len (B,) real history lengths, needed only by the decoder-only variant's positions.
+        Runs in bf16 (fp32 residual stream, norms and softmax) when called under a bf16 autocast.
         """
+        dtype = compute_dtype(tokens.device)
         if self.cfg.arch == "encoder_decoder":
-            x = self.tok_emb(tokens) + self.dec_pos.weight[step]
-            for i, layer in enumerate(self.decoder):
-                x = x + _cached_attention(layer.self_attn, layer.n1(x), None, None, None,
-                                          cache.keys[i], cache.values[i], step)
-                x = x + _cached_attention(layer.cross, layer.n2(x), prefix.keys[i], prefix.values[i],
-                                          prefix.mask, None, None, step)
-                x = x + layer.ff(layer.n3(x))
+            x = self.tok_emb(tokens) + self.dec_pos.weight[step]  # (B, K, D)
         else:
             if src_len is None:
                 raise ValueError("decoder-only decode_step needs src_len")
             pos = (src_len + step).clamp(max=self.pos.num_embeddings - 1)  # (B,)
             x = self.tok_emb(tokens) + self.pos(pos)[:, None, :]
-            for i, layer in enumerate(self.decoder):
-                x = x + _cached_attention(layer.attn, layer.n1(x), prefix.keys[i], prefix.values[i],
-                                          prefix.mask, cache.keys[i], cache.values[i], step)
-                x = x + layer.ff(layer.n2(x))
-        return self.level_logits(self.dec_norm(x), step)
+        with torch.autocast(tokens.device.type, enabled=False):
+            return run_decoder(self, decode_weights(self, dtype), x.float(), prefix, cache, step)

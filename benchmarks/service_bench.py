@@ -1,0 +1,287 @@
+"""Service throughput/latency sweep: HTTP at 1, 8, 32 clients x beam 100, 256, batching on vs off,
+and the engine alone (no HTTP) at the batch sizes the batcher formed — all in one run.
+
+    .venv/bin/python benchmarks/service_bench.py [BUNDLE] [--threads 2] [--seconds 6]
+
+The server is the real app under uvicorn in a subprocess on 127.0.0.1 (one worker, the CLI's
+`serve`); clients are async httpx in this process, each sending its next request when the last
+answers (closed loop, a minimal asyncio HTTP/1.1 client: cheap enough not to be the bottleneck).
+Every config is bounded by a request count AND a time cap. Without BUNDLE a
+random-weight bundle (12,101 items, 256x256x256 + dedup; `--model small` by default, `--model tiger`
+for the TIGER size) is built once under build/bench-bundle-<model>. Prints a table, then one JSON line with rps, p50, p99 per
+config and the ratios the targets need:
+  service@32 (batching on) / engine throughput at the batch size formed  >= 0.8
+  batching on / off at 32 clients                                       >= 2
+  p99@32 (batching on) / p50@1                                          <= 4
+This is a script, not a test; it measures ratios within one run on one machine.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONCURRENCY = (1, 8, 32)
+BEAMS = (100, 256)
+TOP_N = 10
+HISTORY = 20
+
+
+MODEL_SIZES = {
+    # TIGER/GRID size: 4+4 layers, d_model 128, 6 heads of 64, d_ff 1024 (~50 ms/request at beam 256, 1 core)
+    "tiger": dict(d_model=128, n_heads=6, d_head=64, d_ff=1024, n_enc_layers=4, n_dec_layers=4),
+    # ~8x cheaper: lets the whole sweep fit in ~2 minutes on a shared 2-core CPU
+    "small": dict(d_model=64, n_heads=4, d_head=16, d_ff=256, n_enc_layers=2, n_dec_layers=2),
+}
+
+
+def synthetic_bundle(path: Path, size: str = "small", n_items: int = 12_101, seed: int = 0) -> Path:
+    import torch
+
+    from model.bundle import save_bundle
+    from model.config import ModelConfig, SIDLayout
+    from model.transformer import SIDTransformer
+
+    if (path / "config.json").is_file():
+        return path
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layout = SIDLayout((256, 256, 256, 4))
+    model = SIDTransformer(ModelConfig(layout, **MODEL_SIZES[size]))
+    # RQ-style codes: clustered first level, so the trie is not uniformly bushy
+    c0 = torch.randint(0, 64, (n_items * 2,), generator=g) * 4 % 256
+    cells = torch.stack([c0, torch.randint(0, 256, (n_items * 2,), generator=g),
+                         torch.randint(0, 256, (n_items * 2,), generator=g)], 1)
+    cells = torch.unique(cells, dim=0)[torch.randperm(len(torch.unique(cells, dim=0)), generator=g)[:n_items]]
+    sid_map = torch.cat([cells, torch.zeros(n_items, 1, dtype=torch.int64)], 1).t().contiguous()
+    return save_bundle(path, model, sid_map, [f"S{i:07d}" for i in range(n_items)], overwrite=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, port: int, batching: bool, threads: int) -> subprocess.Popen:
+    env = dict(os.environ, SIDREC_MAX_BEAM_WIDTH="256", SIDREC_DEFAULT_BEAM_WIDTH="100", SIDREC_MAX_BATCH_SIZE="32",
+               SIDREC_MAX_QUEUE_SIZE="512", SIDREC_LOG_LEVEL="warning", OMP_NUM_THREADS=str(threads))
+    env.pop("SIDREC_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "service", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--port", str(port), "--num-threads", str(threads)] + ([] if batching else ["--no-batching"])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("server did not become ready within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def histories(item_ids: list[str], n: int, seed: int = 0) -> list[list[str]]:
+    rnd = random.Random(seed)
+    return [rnd.sample(item_ids, HISTORY) for _ in range(n)]
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    """One keep-alive HTTP/1.1 POST; returns the status. uvicorn always sends Content-Length."""
+    writer.write(raw)
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
+
+
+async def sweep_one(url: str, concurrency: int, beam: int, hist: list[list[str]], max_requests: int,
+                    seconds: float) -> dict:
+    """Closed loop: `concurrency` connections, each posting its next request when the last answers.
+
+    A minimal asyncio HTTP/1.1 client rather than httpx: on a 2-core host shared with the server,
+    httpx's ~2 ms of client CPU per request made the client the bottleneck at 32 connections.
+    """
+    host, port = url.split("//")[1].split(":")
+    bodies = [json.dumps({"history": h, "top_n": TOP_N, "beam_width": beam}).encode() for h in hist]
+    raws = [b"POST /v1/recommend HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (host.encode(), len(b), b) for b in bodies]
+    lat: list[float] = []
+    errors = 0
+    counter = iter(range(10 ** 9))
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*[_post(r, w, raws[i]) for i, (r, w) in enumerate(conns[:8])])  # warm
+        t_end = time.perf_counter() + seconds
+
+        async def worker(reader, writer) -> None:
+            nonlocal errors
+            while time.perf_counter() < t_end:
+                i = next(counter)
+                if i >= max_requests:
+                    return
+                t0 = time.perf_counter()
+                if await _post(reader, writer, raws[i % len(raws)]) == 200:
+                    lat.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(r, w) for r, w in conns])
+        wall = time.perf_counter() - t0
+    finally:
+        for _, w in conns:
+            w.close()
+    return {"lat": lat, "errors": errors, "wall": wall}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Pool the rounds of one config: rps = requests / wall over all rounds, percentiles over all latencies."""
+    lat = sorted(x for r in runs for x in r["lat"])
+    wall = sum(r["wall"] for r in runs)
+    q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
+    return {"requests": len(lat), "errors": sum(r["errors"] for r in runs), "rps": round(len(lat) / wall, 2),
+            "p50_ms": q(0.5), "p99_ms": q(0.99), "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None,
+            "rps_per_round": [round(len(r["lat"]) / r["wall"], 1) for r in runs]}
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram for recommend calls."""
+    import httpx
+
+    s = c = 0.0
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith('sidrec_batch_size_sum{kind="recommend"}'):
+            s = float(line.split()[-1])
+        elif line.startswith('sidrec_batch_size_count{kind="recommend"}'):
+            c = float(line.split()[-1])
+    return s, c
+
+
+def engine_alone(bundle: Path, threads: int, points: list[tuple[int, int]], hist_ids: list[list[str]],
+                 seconds: float) -> dict:
+    import torch
+
+    from model.engine import EngineOptions, RecommendEngine
+
+    torch.set_num_threads(threads)
+    engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads))
+    hist = [engine.to_internal(h)[0] for h in hist_ids]
+    out = {}
+    for beam, b in points:
+        # The first calls at a new shape are several times slower (oneDNN/allocator warm-up), as
+        # they are for the server, which the sweep warms with the same traffic: warm for ~1 s.
+        batches = [[hist[(j * b + i) % len(hist)] for i in range(b)] for j in range(16)]
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or (time.perf_counter() - t0 < 1.0 and n < 50):
+            engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
+            n += 1
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or (time.perf_counter() - t0 < seconds and n < 200):
+            engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
+            n += 1
+        dt = (time.perf_counter() - t0) / n
+        out[(beam, b)] = {"beam": beam, "batch": b, "ms_per_call": round(dt * 1000, 1), "rps": round(b / dt, 2)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bundle", nargs="?", help="bundle directory (default: a synthetic TIGER-sized one)")
+    ap.add_argument("--model", choices=sorted(MODEL_SIZES), default="small",
+                    help="size of the synthetic bundle built when no BUNDLE is given")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the engine-alone run "
+                    "(1: on a shared 2-core host, 2 OpenMP threads stall whenever one is descheduled)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="time cap per config and round")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the whole sweep (pooled)")
+    ap.add_argument("--max-requests", type=int, default=96, help="request cap per config at 32 clients "
+                    "(scaled down for fewer clients)")
+    a = ap.parse_args()
+    bundle = Path(a.bundle) if a.bundle else synthetic_bundle(ROOT / "build" / f"bench-bundle-{a.model}", a.model)
+    item_ids = json.loads((bundle / "item_ids.json").read_text())
+    hist = histories(item_ids, 512)
+    # Both servers run side by side (an idle one costs nothing) and every config is measured on
+    # and off back to back, so load drifting on a shared host biases neither side.
+    servers = {}
+    try:
+        for batching in (True, False):
+            port = free_port()
+            servers[batching] = (start_server(bundle, port, batching, a.threads), f"http://127.0.0.1:{port}")
+        raw: dict[tuple, list] = {}
+        batches: dict[tuple, list] = {}
+        for rnd in range(a.rounds):
+            for beam in BEAMS:
+                for c in CONCURRENCY:
+                    for batching in (True, False):
+                        url = servers[batching][1]
+                        s0, n0 = batch_stats(url)
+                        cap = max(16, a.max_requests * c // 32) if c > 1 else 24
+                        run = asyncio.run(sweep_one(url, c, beam, hist, cap, a.seconds))
+                        s1, n1 = batch_stats(url)
+                        raw.setdefault((batching, beam, c), []).append(run)
+                        batches.setdefault((batching, beam, c), []).append((s1 - s0, n1 - n0))
+            print(f"round {rnd + 1}/{a.rounds} done", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    results = []
+    for (batching, beam, c), runs in raw.items():
+        r = summarize(runs)
+        s_, n_ = map(sum, zip(*batches[(batching, beam, c)]))
+        r.update(batching=batching, concurrency=c, beam=beam, mean_batch=round(s_ / n_, 2) if n_ else None)
+        results.append(r)
+        print(f"batching={'on ' if batching else 'off'} beam={beam:4d} clients={c:3d}  rps={r['rps']:8.2f}  "
+              f"p50={r['p50_ms']:8.1f} ms  p99={r['p99_ms']:8.1f} ms  batch={r['mean_batch']}  "
+              f"n={r['requests']} err={r['errors']}  rounds={r['rps_per_round']}", flush=True)
+    by = {(r["batching"], r["beam"], r["concurrency"]): r for r in results}
+    points = sorted({(beam, max(1, round(by[(True, beam, 32)]["mean_batch"] or 1))) for beam in BEAMS}
+                    | {(beam, 1) for beam in BEAMS})
+    eng = engine_alone(bundle, a.threads, points, hist, min(a.seconds, 4.0))
+    for e in eng.values():
+        print(f"engine alone beam={e['beam']:4d} batch={e['batch']:3d}  {e['ms_per_call']:8.1f} ms/call  rps={e['rps']:8.2f}")
+    ratios = {}
+    for beam in BEAMS:
+        on32, off32, on1 = by[(True, beam, 32)], by[(False, beam, 32)], by[(True, beam, 1)]
+        b = max(1, round(on32["mean_batch"] or 1))
+        ratios[f"beam{beam}"] = {
+            "service32_over_engine": round(on32["rps"] / eng[(beam, b)]["rps"], 3),
+            "engine_batch": b,
+            "batching_on_over_off_at32": round(on32["rps"] / off32["rps"], 3) if off32["rps"] else None,
+            "p99_at32_over_p50_at1": round(on32["p99_ms"] / on1["p50_ms"], 3),
+        }
+        print(f"beam {beam}: " + ", ".join(f"{k}={v}" for k, v in ratios[f'beam{beam}'].items()))
+    targets = {"service32_over_engine": ">=0.8", "batching_on_over_off_at32": ">=2", "p99_at32_over_p50_at1": "<=4"}
+    print(json.dumps({"bench": "service", "bundle": str(bundle), "threads": a.threads, "rounds": a.rounds,
+                      "configs": results,
+                      "engine": list(eng.values()), "ratios": ratios, "targets": targets}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""ServiceRuntime: what the routes call — engine + batcher + inverse index + masks, no HTTP.
+
+It owns startup (load the bundle, open the index, warm up), shutdown, and the request logic that
+sits between the schemas and the engine: id mapping, exclusion lists, calling the batcher, one
+inverse-index round trip per request, building responses. Route handlers stay one-liners.
+It imports no web framework; errors are `service.errors.APIError` (status, code, message).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from model.bundle import BundleError
+from model.engine import EngineOptions, RecommendEngine
+from service import schemas as S
+from service.batcher import (BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull, RecommendEntry,
+                             RecommendOutput, ScoreEntry)
+from service.engine_proc import EngineDead, EngineProcess
+from service.errors import APIError
+from service.index import InProcessIndex, IndexUnavailable, InverseIndex, RedisInverseIndex
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+log = logging.getLogger("sidrec.service")
+
+
+class StartupError(RuntimeError):
+    """The service refuses to start (broken bundle, unreachable index): the message says why."""
+
+
+class ServiceRuntime:
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: RecommendEngine | EngineProcess | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.index: InverseIndex | None = None
+        self.masked: set[str] = set()
+        self.warmed = False
+        self.ready = False
+        self._mask_task: asyncio.Task | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        opts = EngineOptions(device=s.device, beam_step=s.beam_step, dtype=s.dtype,
+                             max_beam_width=max(s.max_beam_width, 1), num_threads=s.num_threads)
+        try:
+            if s.engine_process:
+                self.engine = await asyncio.to_thread(EngineProcess.start, s.bundle_path, opts)
+            else:
+                self.engine = await asyncio.to_thread(RecommendEngine.from_path, s.bundle_path, opts)
+        except BundleError as e:
+            raise StartupError(f"refusing to start: bundle {s.bundle_path!r} is unusable: {e}") from None
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StartupError(f"refusing to start: cannot load bundle {s.bundle_path!r}: {e}") from None
+        self.index = await self._open_index(self.engine)
+        self.metrics.set_model(self.engine.version, self.engine.num_items, s.device, self.index.backend)
+        self.batcher = DynamicBatcher.from_settings(self.engine, s, self.metrics)
+        self.batcher.start()
+        if self.index.shares_masks:
+            await self.sync_masks()
+            self._mask_task = asyncio.create_task(self._mask_loop(), name="sidrec-mask-sync")
+        if s.warmup:
+            await self.batcher.run_exclusive(self._warm)
+        self.warmed = True
+        self.ready = True
+        log.info("sidrec ready: bundle %s version %s, %d items, index %s, batching %s",
+                 s.bundle_path, self.engine.version, self.engine.num_items, self.index.backend, s.batching)
+
+    async def _open_index(self, engine: RecommendEngine) -> InverseIndex:
+        s = self.settings
+        cards = engine.cfg.layout.cardinalities
+        if not s.redis_url:
+            return InProcessIndex(engine.version, engine.bundle.sid_map, engine.item_ids, cards, self.metrics)
+        index = await RedisInverseIndex.open(s.redis_url, s.redis_namespace, engine.version, s.redis_timeout_s,
+                                             self.metrics)
+        try:
+            try:
+                await index.attach()
+            except IndexUnavailable:
+                if not s.redis_autoload:
+                    raise
+                await asyncio.to_thread(self._autoload, engine)
+                await index.attach()
+        except IndexUnavailable as e:
+            await index.close()
+            raise StartupError(f"refusing to start: {e}") from None
+        except Exception as e:  # connection refused, auth, timeout
+            await index.close()
+            raise StartupError(f"refusing to start: Redis at {_redact(s.redis_url)} is unreachable "
+                               f"({type(e).__name__}); unset SIDREC_REDIS_URL to use the in-process index") from None
+        return index
+
+    def _autoload(self, engine: RecommendEngine) -> None:
+        import redis
+
+        from service.index_store import load_version
+
+        s = self.settings
+        client = redis.Redis.from_url(s.redis_url, socket_timeout=max(s.redis_timeout_s, 30.0))
+        try:
+            rep = load_version(client, s.redis_namespace, engine.version, engine.bundle.sid_map, engine.item_ids,
+                               engine.cfg.layout.cardinalities, activate=False, activate_if_none=True)
+            log.info("inverse index autoloaded into Redis: %s", rep.to_dict())
+        finally:
+            client.close()
+
+    def _warm(self) -> None:
+        assert self.engine is not None
+        s = self.settings
+        hist = [[0], list(range(min(self.engine.num_items, self.engine.cfg.max_history)))]
+        top = min(s.default_top_n, s.default_beam_width)
+        self.engine.recommend(hist, s.default_beam_width, top, exclude=[[0], []])
+        self.engine.score(hist, [[0, 1 % self.engine.num_items], [0]])
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._mask_task is not None:
+            self._mask_task.cancel()
+            await asyncio.gather(self._mask_task, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.index is not None:
+            await self.index.close()
+        if isinstance(self.engine, EngineProcess):
+            await asyncio.to_thread(self.engine.close)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        """Liveness: false only when the engine process died (a restart is the cure)."""
+        return not (isinstance(self.engine, EngineProcess) and not self.engine.alive())
+
+    def require_ready(self) -> RecommendEngine:
+        if not self.ready or self.engine is None:
+            raise APIError(503, "not_ready", "the model is not loaded or the service is shutting down; retry shortly",
+                           headers={"Retry-After": "1"})
+        return self.engine
+
+    async def _run(self, coro) -> Any:
+        try:
+            return await coro
+        except QueueFull as e:
+            raise APIError(429, "queue_full", f"the server is at capacity ({self.settings.max_queue_size} queued "
+                           "requests); retry after the delay in Retry-After",
+                           {"retry_after_s": e.retry_after_s}, {"Retry-After": str(e.retry_after_s)}) from None
+        except DeadlineExceeded:
+            raise APIError(504, "timeout", f"the request did not finish within {self.settings.request_timeout_s:g} s "
+                           "(SIDREC_REQUEST_TIMEOUT_S); try a smaller beam_width or retry") from None
+        except EngineDead:
+            self.ready = False
+            log.error("the engine process is gone; /healthz now fails so the orchestrator restarts us")
+            raise APIError(503, "engine_unavailable", "the model engine stopped; retry on another replica",
+                           headers={"Retry-After": "1"}) from None
+        except BatcherClosed:
+            raise APIError(503, "not_ready", "the service is shutting down; retry on another replica",
+                           headers={"Retry-After": "1"}) from None
+
+    async def _lookup(self, sids: list[list[int]]) -> list[str | None]:
+        assert self.index is not None
+        try:
+            return await self.index.lookup(sids)
+        except Exception:
+            log.exception("inverse index lookup failed")
+            raise APIError(503, "index_unavailable", "the item index is unreachable; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+
+    def _entry(self, engine: RecommendEngine, req: S.RecommendRequest, prefix: str
+               ) -> tuple[RecommendEntry, list[str], int]:
+        top_n, beam = S.resolve_recommend(req, self.settings, prefix)
+        known, unknown = engine.to_internal(req.history)
+        if not known:
+            raise S.no_known_history(prefix + "history", unknown)
+        exclude = list(known) if req.exclude_history else []
+        if req.exclude:
+            exclude += engine.to_internal(req.exclude)[0]
+        return RecommendEntry(known, beam, top_n, exclude), unknown, min(len(known), engine.cfg.max_history)
+
+    def _response(self, engine: RecommendEngine, req: S.RecommendRequest, entry: RecommendEntry, out: RecommendOutput,
+                  ids: list[str | None], unknown: list[str], used: int) -> S.RecommendResponse:
+        items = [S.RecommendedItem(item_id=i, score=sc, sid=sid if req.return_sids else None)
+                 for i, sc, sid in zip(ids, out.scores, out.sids) if i is not None]
+        return S.RecommendResponse(items=items, model_version=engine.version, unknown_history_ids=unknown,
+                                   history_used=used, beam_width=entry.beam_width, top_n=entry.top_n)
+
+    # --- endpoints ------------------------------------------------------------------------------
+
+    async def recommend(self, req: S.RecommendRequest) -> S.RecommendResponse:
+        engine = self.require_ready()
+        entry, unknown, used = self._entry(engine, req, "")
+        assert self.batcher is not None
+        [out] = await self._run(self.batcher.recommend([entry]))
+        ids = await self._lookup(out.sids)
+        return self._response(engine, req, entry, out, ids, unknown, used)
+
+    async def recommend_batch(self, req: S.BatchRecommendRequest) -> S.BatchRecommendResponse:
+        engine = self.require_ready()
+        S.check_batch(req, self.settings)
+        results: list[Any] = [None] * len(req.requests)
+        todo = []
+        for n, r in enumerate(req.requests):
+            try:
+                todo.append((n, r, *self._entry(engine, r, f"requests.{n}.")))
+            except APIError as e:
+                results[n] = S.ErrorItem(error=S.ErrorInfo(code=e.code, message=e.message, details=e.details))
+        if todo:
+            assert self.batcher is not None
+            outs = await self._run(self.batcher.recommend([t[2] for t in todo]))
+            flat = [sid for o in outs for sid in o.sids]
+            ids = await self._lookup(flat)  # one round trip for every user's beams
+            pos = 0
+            for (n, r, entry, unknown, used), out in zip(todo, outs):
+                results[n] = self._response(engine, r, entry, out, ids[pos:pos + len(out.sids)], unknown, used)
+                pos += len(out.sids)
+        return S.BatchRecommendResponse(results=results, model_version=engine.version)
+
+    async def score(self, req: S.ScoreRequest) -> S.ScoreResponse:
+        engine = self.require_ready()
+        S.check_score(req, self.settings)
+        known, unknown = engine.to_internal(req.history)
+        if not known:
+            raise S.no_known_history("history", unknown)
+        cand, unknown_c = engine.to_internal(req.candidates)
+        missing = set(unknown_c)
+        cand_ids = [c for c in req.candidates if c not in missing]
+        scores: list[float] = []
+        if cand:
+            assert self.batcher is not None
+            [scores] = await self._run(self.batcher.score([ScoreEntry(known, cand)]))
+        return S.ScoreResponse(scores=[S.CandidateScore(item_id=i, log_likelihood=v) for i, v in zip(cand_ids, scores)],
+                               unknown_candidate_ids=unknown_c, unknown_history_ids=unknown,
+                               model_version=engine.version)
+
+    def model_info(self) -> S.ModelInfo:
+        engine = self.require_ready()
+        cfg = engine.bundle.config
+        mc = cfg.get("model", {})
+        s = self.settings
+        return S.ModelInfo(
+            version=engine.version, num_items=engine.num_items, created_at=cfg.get("created_at"),
+            format_version=cfg.get("format_version"),
+            architecture={k: v for k, v in mc.items() if k != "layout"},
+            sid_layout=mc.get("layout", {}), metrics=engine.bundle.metrics,
+            evaluation=cfg.get("evaluation") or cfg.get("eval"), dataset=cfg.get("dataset") or cfg.get("dataset_fingerprint"),
+            index=self.index.describe() if self.index else {},
+            limits={"max_top_n": s.max_top_n, "max_beam_width": s.max_beam_width, "max_history_len": s.max_history_len,
+                    "max_batch_requests": s.max_batch_requests, "max_candidates": s.max_candidates,
+                    "max_body_bytes": s.max_body_bytes, "default_top_n": s.default_top_n,
+                    "default_beam_width": s.default_beam_width},
+            num_masked=len(self.masked))
+
+    async def readiness(self) -> dict[str, Any]:
+        reachable = bool(self.index is not None and await self.index.ping())
+        return {"status": "ready" if (self.ready and reachable) else "not_ready",
+                "model_loaded": self.engine is not None, "warmed": self.warmed, "index_reachable": reachable,
+                "model_version": self.engine.version if self.engine else None}
+
+    # --- masks ----------------------------------------------------------------------------------
+
+    async def set_masked(self, req: S.MaskRequest) -> S.MaskResponse:
+        engine = self.require_ready()
+        S.check_mask(req, self.settings)
+        _, unknown = engine.to_internal(req.item_ids)
+        missing = set(unknown)
+        known = list(dict.fromkeys(i for i in req.item_ids if i not in missing))
+        await self._apply_masks(known, req.masked)
+        shared = bool(self.index is not None and self.index.shares_masks)
+        if shared and known:
+            assert self.index is not None
+            try:
+                await self.index.set_masked(known, req.masked)
+            except Exception:
+                log.exception("could not share masks through Redis")
+                raise APIError(503, "index_unavailable", "masked locally but Redis is unreachable, so other "
+                               "workers did not get it; retry the call") from None
+        return S.MaskResponse(updated=len(known), unknown_item_ids=unknown, num_masked=len(self.masked), shared=shared)
+
+    async def _apply_masks(self, ids: list[str], masked: bool) -> None:
+        if not ids:
+            return
+        assert self.batcher is not None and self.engine is not None
+        engine = self.engine
+        await self.batcher.run_exclusive(lambda: engine.set_masked(ids, masked))
+        (self.masked.update if masked else self.masked.difference_update)(ids)
+        self.metrics.masked_items.set(len(self.masked))
+
+    async def sync_masks(self) -> None:
+        """Make the local mask equal the shared one (masks set through other workers)."""
+        assert self.index is not None and self.engine is not None
+        shared = await self.index.masked_ids()
+        if shared is None:
+            return
+        shared = {i for i in shared if i in self.engine.index_of}
+        await self._apply_masks(sorted(shared - self.masked), True)
+        await self._apply_masks(sorted(self.masked - shared), False)
+
+    async def _mask_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.mask_sync_interval_s)
+            try:
+                await self.sync_masks()
+            except Exception:
+                log.warning("mask sync with Redis failed; will retry", exc_info=True)
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,193 @@
+"""Request and response schemas of the HTTP API (pydantic v2).
+
+Requests forbid unknown fields and carry static hard caps on every size; the tighter, deployment
+specific limits from `Settings` (max beam width, max history, ...) are checked by `check_*`
+below, which raise the same 422 error shape. Responses are plain models so /docs shows them.
+
+Decisions documented here (and in /docs):
+- An empty `history` is rejected (422 `empty_history`), and so is a history in which no id is in
+  the catalogue (422 `unknown_history`): answering from no context would hand back the same
+  unpersonalised list to everyone and hide client bugs. Unknown ids among known ones are
+  reported in `unknown_history_ids` and otherwise ignored.
+- `beam_width < top_n` is a 422: a beam search cannot return more items than it keeps beams.
+- In /v1/recommend/batch one bad user does not fail the call: its slot holds an error object.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.errors import APIError
+from service.settings import Settings
+
+HARD_MAX_IDS = 10_000  # static cap; Settings tightens it
+HARD_MAX_ID_LEN = 1024
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_ID_LEN)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(Strict):
+    history: list[ItemId] = Field(max_length=HARD_MAX_IDS, description="External item ids, oldest first.")
+    top_n: int | None = Field(default=None, ge=1, le=4096, description="Items to return (default from settings).")
+    beam_width: int | None = Field(default=None, ge=1, le=8192, description="Beams kept per SID level (>= top_n).")
+    exclude_history: bool = Field(default=True, description="Never recommend an item already in the history.")
+    exclude: list[ItemId] = Field(default_factory=list, max_length=HARD_MAX_IDS,
+                                  description="Further item ids never to return (unknown ones are ignored).")
+    return_sids: bool = Field(default=True, description="Include each item's semantic id codes.")
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float = Field(description="Log-probability of the item's whole SID under the model.")
+    sid: list[int] | None = None
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    model_version: str
+    unknown_history_ids: list[str]
+    history_used: int = Field(description="Known history items fed to the model (its most recent max_history).")
+    beam_width: int
+    top_n: int
+
+
+class BatchRecommendRequest(Strict):
+    requests: list[RecommendRequest] = Field(min_length=1, max_length=4096)
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorItem(BaseModel):
+    error: ErrorInfo
+
+
+class BatchRecommendResponse(BaseModel):
+    results: list[Union[RecommendResponse, ErrorItem]]
+    model_version: str
+
+
+class ScoreRequest(Strict):
+    history: list[ItemId] = Field(max_length=HARD_MAX_IDS)
+    candidates: list[ItemId] = Field(min_length=1, max_length=HARD_MAX_IDS)
+
+
+class CandidateScore(BaseModel):
+    item_id: str
+    log_likelihood: float
+
+
+class ScoreResponse(BaseModel):
+    scores: list[CandidateScore] = Field(description="Known candidates, in request order.")
+    unknown_candidate_ids: list[str]
+    unknown_history_ids: list[str]
+    model_version: str
+
+
+class MaskRequest(Strict):
+    item_ids: list[ItemId] = Field(min_length=1, max_length=1_000_000)
+    masked: bool = Field(default=True, description="True: never recommend these items; False: allow them again.")
+
+
+class MaskResponse(BaseModel):
+    updated: int
+    unknown_item_ids: list[str]
+    num_masked: int
+    shared: bool = Field(description="True when the mask is shared with every worker through Redis.")
+
+
+class MaskedList(BaseModel):
+    num_masked: int
+    item_ids: list[str] = Field(description="Up to the first 1000 masked ids.")
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    model_loaded: bool
+    warmed: bool
+    index_reachable: bool
+    model_version: str | None = None
+
+
+class ModelInfo(BaseModel):
+    version: str
+    num_items: int
+    created_at: str | None
+    format_version: int | None
+    architecture: dict[str, Any]
+    sid_layout: dict[str, Any]
+    metrics: dict[str, Any]
+    evaluation: Any = None
+    dataset: Any = None
+    index: dict[str, Any]
+    limits: dict[str, int]
+    num_masked: int
+
+
+# --- settings-dependent checks (same 422 shape as schema validation) -------------------------------
+
+
+def _invalid(field: str, msg: str, code: str = "invalid_request") -> APIError:
+    return APIError(422, code, f"{field}: {msg}", [{"loc": field.split("."), "msg": msg, "type": code}])
+
+
+def _check_ids(field: str, ids: list[str], cap: int, settings: Settings) -> None:
+    if len(ids) > cap:
+        raise _invalid(field, f"at most {cap} ids allowed, got {len(ids)}")
+    for i, x in enumerate(ids):
+        if len(x) > settings.max_item_id_len:
+            raise _invalid(f"{field}.{i}", f"item ids are at most {settings.max_item_id_len} characters, got {len(x)}")
+
+
+def resolve_recommend(req: RecommendRequest, settings: Settings, prefix: str = "") -> tuple[int, int]:
+    """Check `req` against the deployment's limits; return its (top_n, beam_width)."""
+    top_n = req.top_n or settings.default_top_n
+    beam = req.beam_width or max(settings.default_beam_width, top_n)
+    if top_n > settings.max_top_n:
+        raise _invalid(prefix + "top_n", f"must be <= {settings.max_top_n}, got {top_n}")
+    if beam > settings.max_beam_width:
+        raise _invalid(prefix + "beam_width", f"must be <= {settings.max_beam_width}, got {beam}")
+    if beam < top_n:
+        raise _invalid(prefix + "beam_width", f"beam_width ({beam}) must be >= top_n ({top_n}): "
+                       "a beam search returns at most beam_width items")
+    _check_ids(prefix + "history", req.history, settings.max_history_len, settings)
+    _check_ids(prefix + "exclude", req.exclude, settings.max_exclude, settings)
+    if not req.history:
+        raise _invalid(prefix + "history", "is empty; send at least one known item id (oldest first)",
+                       "empty_history")
+    return top_n, beam
+
+
+def check_score(req: ScoreRequest, settings: Settings) -> None:
+    _check_ids("history", req.history, settings.max_history_len, settings)
+    _check_ids("candidates", req.candidates, settings.max_candidates, settings)
+    if not req.history:
+        raise _invalid("history", "is empty; send at least one known item id (oldest first)", "empty_history")
+
+
+def check_batch(req: BatchRecommendRequest, settings: Settings) -> None:
+    if len(req.requests) > settings.max_batch_requests:
+        raise _invalid("requests", f"at most {settings.max_batch_requests} requests per batch, got {len(req.requests)}")
+
+
+def check_mask(req: MaskRequest, settings: Settings) -> None:
+    _check_ids("item_ids", req.item_ids, settings.max_admin_items, settings)
+
+
+def no_known_history(field: str, unknown: list[str]) -> APIError:
+    shown = unknown[:20]
+    return APIError(422, "unknown_history", f"{field}: none of the {len(unknown)} history ids is in the catalogue; "
+                    "send ids the model was trained on (see GET /v1/model for the catalogue size)",
+                    {"unknown_history_ids": shown, "num_unknown": len(unknown)})

@@ -1,0 +1,82 @@
+"""Service settings: the one pydantic-settings `Settings` (env prefix `SIDREC_`), passed explicitly.
+
+Every knob of the HTTP service lives here, with the reason for its default beside it. Nothing
+reads the environment anywhere else; `create_app(settings)` and the CLI receive a `Settings`.
+This module is not the model or training configuration (see `model.config`, `training`).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIDREC_", extra="ignore", frozen=True)
+
+    # --- bundle and engine ---------------------------------------------------------------------
+    bundle_path: str = "bundles/demo"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    beam_step: Literal["auto", "reference", "triton"] = "auto"
+    # torch intra-op threads; None keeps torch's default (all cores). With --workers N on a
+    # shared host set this to cores // N so the workers do not oversubscribe the CPU.
+    num_threads: int | None = Field(default=None, ge=1)
+    warmup: bool = True  # one decode at startup so the first user request is not the slow one
+    # Run the engine in a child process (as vLLM's EngineCore): its Python beam loop then does not
+    # starve the event loop of the GIL. False keeps it on a thread of this process (tests, debugging).
+    engine_process: bool = True
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"  # loopback by default; containers set 0.0.0.0 explicitly
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # 1 MiB holds the largest valid request (256 users x 512 ids of 128 chars is ~17 MB, so the
+    # batch caps below are what bound a body in practice; 1 MiB stops abuse well before that).
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    admin_token: SecretStr | None = None  # unset -> admin endpoints answer 403 admin_disabled
+
+    # --- request limits (every size is bounded) --------------------------------------------------
+    max_history_len: int = Field(default=512, ge=1)  # ids accepted; the model keeps its last max_history
+    max_item_id_len: int = Field(default=128, ge=1)
+    default_top_n: int = Field(default=10, ge=1)
+    max_top_n: int = Field(default=256, ge=1)
+    default_beam_width: int = Field(default=100, ge=1)
+    max_beam_width: int = Field(default=1024, ge=1)  # the engine's own hard limit is larger
+    max_batch_requests: int = Field(default=64, ge=1)  # users per /v1/recommend/batch call
+    max_candidates: int = Field(default=1000, ge=1)  # items per /v1/score call
+    max_exclude: int = Field(default=1000, ge=0)  # extra excluded ids per request
+    max_admin_items: int = Field(default=10_000, ge=1)  # ids per mask call
+
+    # --- dynamic batching -----------------------------------------------------------------------
+    batching: bool = True  # False: every request is its own engine call (still one at a time)
+    max_batch_size: int = Field(default=32, ge=1)  # requests per engine call
+    # 2 ms: long enough to catch requests arriving together, short next to a ~40 ms beam-256 decode.
+    max_queue_delay_ms: float = Field(default=2.0, ge=0.0)
+    # Cap on batch_size x widest beam per engine call: bounds the KV cache and logits memory.
+    max_batch_beams: int = Field(default=16_384, ge=1)
+    max_queue_size: int = Field(default=256, ge=1)  # queued requests before 429
+    request_timeout_s: float = Field(default=30.0, gt=0.0)  # per-request deadline -> 504
+
+    # --- inverse index (SID -> item id) ----------------------------------------------------------
+    redis_url: str | None = None  # unset -> the in-process index (embedded default)
+    redis_namespace: str = Field(default="sidrec", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    redis_timeout_s: float = Field(default=2.0, gt=0.0)
+    # Load this bundle's SID map into Redis at startup when its version is missing there
+    # (idempotent; `python -m service index load` does the same ahead of a rollout).
+    redis_autoload: bool = True
+    mask_sync_interval_s: float = Field(default=2.0, gt=0.0)  # workers pick up masks shared via Redis
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.default_beam_width > self.max_beam_width:
+            raise ValueError(f"default_beam_width {self.default_beam_width} exceeds max_beam_width {self.max_beam_width}")
+        if self.default_top_n > min(self.max_top_n, self.default_beam_width):
+            raise ValueError(f"default_top_n {self.default_top_n} must be <= max_top_n and default_beam_width")
+        return self
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_token is not None and bool(self.admin_token.get_secret_value())

@@ -1,0 +1,126 @@
+"""Dynamic batching: fewer engine calls than requests, and the same answers as one by one."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+from service_fixtures import bundle_dir, run, running_app, same_ranking, settings_for  # noqa: F401
+
+from service.batcher import DynamicBatcher, RecommendEntry
+
+
+class CountingEngine:
+    """Wraps the real engine and records the batch size of every call."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+
+    def recommend(self, histories, beam_width, top_n, exclude=None):
+        self.calls.append(("recommend", len(histories), list(beam_width) if not isinstance(beam_width, int)
+                           else beam_width, top_n))
+        return self.engine.recommend(histories, beam_width, top_n, exclude=exclude)
+
+    def score(self, histories, candidates):
+        self.calls.append(("score", len(histories), None, None))
+        return self.engine.score(histories, candidates)
+
+
+def _requests(n: int, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        top = rnd.choice([1, 3, 5])
+        out.append({"history": [f"item{rnd.randrange(300)}" for _ in range(rnd.randint(1, 25))], "top_n": top,
+                    "beam_width": rnd.choice([top, 8, 16, 40]), "exclude_history": rnd.random() < 0.7})
+    return out
+
+
+def test_concurrent_requests_are_batched_and_match_one_by_one(bundle_dir):
+    reqs = _requests(24)
+
+    async def scenario():
+        s = settings_for(bundle_dir, max_queue_delay_ms=50.0, max_batch_size=16, warmup=False)
+        async with running_app(s) as (app, c):
+            rt = app.state.runtime
+            counter = CountingEngine(rt.engine)
+            rt.batcher.engine = counter
+            together = await asyncio.gather(*[c.post("/v1/recommend", json=r) for r in reqs])
+            calls_together = len(counter.calls)
+            alone = [await c.post("/v1/recommend", json=r) for r in reqs]
+            sizes = [n for _, n, _, _ in counter.calls[:calls_together]]
+            metric_calls = app.state.metrics.value("sidrec_engine_calls_total", {"kind": "recommend"})
+            return together, alone, calls_together, sizes, metric_calls
+
+    together, alone, n_calls, sizes, metric_calls = run(scenario())
+    assert all(r.status_code == 200 for r in together + alone)
+    assert n_calls < len(reqs) and max(sizes) > 1 and sum(sizes) == len(reqs), sizes
+    assert max(sizes) <= 16
+    assert metric_calls == n_calls + len(reqs)
+    for r, a, b in zip(reqs, together, alone):
+        ja, jb = a.json(), b.json()
+        assert 1 <= len(ja["items"]) <= r["top_n"]  # narrow beams can run out of non-excluded items
+        assert same_ranking(ja["items"], jb["items"]), (r, ja["items"], jb["items"])
+
+
+def test_batching_off_runs_each_request_alone(bundle_dir):
+    reqs = _requests(6, seed=1)
+
+    async def scenario():
+        async with running_app(settings_for(bundle_dir, batching=False, warmup=False)) as (app, c):
+            counter = CountingEngine(app.state.runtime.engine)
+            app.state.runtime.batcher.engine = counter
+            rs = await asyncio.gather(*[c.post("/v1/recommend", json=r) for r in reqs])
+            return rs, counter.calls
+
+    rs, calls = run(scenario())
+    assert all(r.status_code == 200 for r in rs)
+    assert len(calls) == len(reqs) and all(n == 1 for _, n, _, _ in calls)
+
+
+def test_batch_endpoint_runs_as_engine_batches(bundle_dir):
+    reqs = _requests(10, seed=2)
+
+    async def scenario():
+        async with running_app(settings_for(bundle_dir, batching=False, max_batch_size=4, warmup=False)) as (app, c):
+            counter = CountingEngine(app.state.runtime.engine)
+            app.state.runtime.batcher.engine = counter
+            r = await c.post("/v1/recommend/batch", json={"requests": reqs})
+            singles = [await c.post("/v1/recommend", json=q) for q in reqs]
+            return r, singles, counter.calls
+
+    r, singles, calls = run(scenario())
+    assert r.status_code == 200, r.text
+    batch_calls = calls[: len(calls) - len(reqs)]
+    assert len(batch_calls) < len(reqs) and all(n <= 4 for _, n, _, _ in batch_calls)
+    for got, single in zip(r.json()["results"], singles):
+        assert same_ranking(got["items"], single.json()["items"])
+
+
+def test_chunking_respects_width_topn_and_beam_budget():
+    b = DynamicBatcher(engine=None, max_batch_size=3, max_batch_beams=100)
+    entries = [RecommendEntry([1], w, t) for w, t in [(10, 10), (40, 2), (10, 1), (20, 5), (30, 3), (5, 5), (50, 1)]]
+    items = [(None, i, e) for i, e in enumerate(entries)]
+    chunks = b._chunks_recommend(items)
+    assert sorted(i for ch in chunks for _, i, _ in ch) == list(range(len(entries)))
+    for ch in chunks:
+        ws = [e.beam_width for _, _, e in ch]
+        assert len(ch) <= 3 and len(ch) * max(ws) <= 100 or len(ch) == 1
+        assert max(e.top_n for _, _, e in ch) <= min(ws)
+
+
+def test_score_requests_batch_together(bundle_dir):
+    async def scenario():
+        async with running_app(settings_for(bundle_dir, max_queue_delay_ms=50.0, warmup=False)) as (app, c):
+            counter = CountingEngine(app.state.runtime.engine)
+            app.state.runtime.batcher.engine = counter
+            body = [{"history": [f"item{i}"], "candidates": [f"item{i + 1}", f"item{i + 2}"]} for i in range(8)]
+            together = await asyncio.gather(*[c.post("/v1/score", json=b) for b in body])
+            n = len(counter.calls)
+            alone = [await c.post("/v1/score", json=b) for b in body]
+            return together, alone, n
+
+    together, alone, n = run(scenario())
+    assert n < 8
+    for a, b in zip(together, alone):
+        for x, y in zip(a.json()["scores"], b.json()["scores"]):
+            assert abs(x["log_likelihood"] - y["log_likelihood"]) < 1e-4

@@ -1,0 +1,142 @@
+"""The offline pipeline end to end on synthetic data: it learns, exports, reloads and resumes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import BundleError, load_bundle
+from model.engine import RecommendEngine
+from training.cli import demo_config, main as cli_main
+from training.config import TrainConfig
+from training.pipeline import run_pipeline
+from training.synthetic import make_synthetic
+from training.train import lr_at, make_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    data = make_synthetic(400, 1500, seed=3)
+    cfg = demo_config(epochs=8)
+    logs: list[str] = []
+    run = run_pipeline(None, out, cfg, until="export", data=data, log=logs.append)
+    return run, out, logs
+
+
+@pytest.mark.slow
+def test_tiny_model_beats_popularity_clearly(trained_run):
+    _, out, _ = trained_run
+    m = json.loads((out / "metrics.json").read_text())
+    pop = m["popularity"]["recall@10"]
+    assert m["recall@10"] > 2 * pop and m["recall@10"] > pop + 0.05, (m["recall@10"], pop)
+    assert m["ndcg@10"] > m["popularity"]["ndcg@10"]
+    assert 0.0 <= m["ndcg@10"] <= m["recall@10"] <= m["recall@100"] <= 1.0
+
+
+@pytest.mark.slow
+def test_bundle_round_trip_gives_identical_recommendations(trained_run):
+    run, out, _ = trained_run
+    bundle = load_bundle(out / "bundle")
+    assert bundle.item_ids == run.data.item_ids
+    assert torch.equal(bundle.sid_map, run.sid_map.to(torch.int64))
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(v.cpu(), bundle.model.state_dict()[k]), k
+    assert bundle.codebooks and all(v.dtype == torch.float32 for v in bundle.codebooks.values())
+    assert (out / "bundle" / "report" / "learning_curves.png").is_file()
+    assert (out / "bundle" / "report" / "codebook_usage.png").is_file()
+    assert bundle.config["evaluation"]["recall@10"] == bundle.metrics["recall@10"]
+    eng = RecommendEngine(bundle)
+    hist = [list(run.split.test_history[0]), list(run.split.test_history[1])]
+    a = eng.recommend(hist, 20, 10)
+    b = RecommendEngine(load_bundle(out / "bundle")).recommend(hist, 20, 10)
+    assert torch.equal(a.items, b.items)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+@pytest.mark.slow
+def test_broken_bundle_is_refused(trained_run, tmp_path):
+    import shutil
+
+    _, out, _ = trained_run
+    broken = tmp_path / "b"
+    shutil.copytree(out / "bundle", broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="model.safetensors"):
+        load_bundle(broken)
+    (broken / "sid_map.safetensors").unlink()
+    with pytest.raises(BundleError, match="sid_map.safetensors is missing"):
+        load_bundle(broken)
+    assert not list(out.glob(".bundle.tmp-*")), "no temporary bundle directory may be left behind"
+
+
+@pytest.mark.slow
+def test_rerun_skips_fresh_stages_and_redoes_changed_ones(trained_run):
+    run, out, _ = trained_run
+    stamps = {p.name: p.read_text() for p in (out / "stages").glob("*.json")}
+    logs: list[str] = []
+    run_pipeline(None, out, demo_config(epochs=8), until="evaluate", data=run.data, log=logs.append)
+    for name in ("embed.json", "sids.json", "train.json", "evaluate.json"):
+        assert (out / "stages" / name).read_text() == stamps[name], f"{name} was recomputed"
+    assert not any(l.startswith("train:") for l in logs)
+    # A changed quantiser setting invalidates sids and everything downstream.
+    cfg = demo_config(epochs=1)
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "sid": {**cfg.to_dict()["sid"], "seed": 7}})
+    run_pipeline(None, out / "changed", cfg, until="sids", data=run.data, log=logs.append)
+    assert json.loads((out / "changed" / "stages" / "sids.json").read_text())["fingerprint"] != \
+        json.loads(stamps["sids.json"])["fingerprint"]
+
+
+def test_length_buckets_cover_every_window_once():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 21, size=1037)
+    batches = make_batches(lengths, 64, rng)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1037))
+    spread = [int(lengths[b].max() - lengths[b].min()) for b in batches]
+    assert np.median(spread) <= 1, "batches should hold windows of near-equal length"
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_cli_rejects_unknown_setting_and_missing_data(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown setting"):
+        cli_main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "train.nope=1"])
+    rc = cli_main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "absent" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_smoke(tmp_path):
+    """Two gloo ranks train one epoch together and rank 0 writes the checkpoint."""
+    data_dir = tmp_path / "data"
+    assert cli_main(["synth", "--out", str(data_dir), "--items", "120", "--users", "300"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "training.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+           "--until", "train", "--set", "train.epochs=1", "--set", "train.d_model=32", "--set", "train.n_heads=2",
+           "--set", "train.d_head=16", "--set", "train.d_ff=64", "--set", "train.n_enc_layers=1",
+           "--set", "train.n_dec_layers=1", "--set", "train.eval_users=50", "--set", "sid.codebook_size=8",
+           "--set", "train.batch_size=64", "--set", "train.num_threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
+    stamp = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
+    assert stamp["epochs_run"] == 1

@@ -1,0 +1,259 @@
+"""The offline pipeline as resumable stages: data -> embed -> sids -> train -> evaluate -> export.
+
+Each stage writes its outputs under the run directory (atomically) with a `<stage>.json` stamp
+holding the fingerprint of its inputs; a rerun skips a stage whose stamp matches and recomputes
+it (and everything after it) when the data, the config or an upstream output changed.
+This module orchestrates; the work itself lives in the modules it calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kernels.trie import PrefixTrie
+from model.bundle import save_bundle
+from model.config import SIDLayout
+from training.config import PipelineConfig, fingerprint
+
+STAGES = ("data", "embed", "sids", "train", "evaluate", "export")
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    """State passed between stages (filled lazily, so any stage can run alone)."""
+
+    data_path: str | None
+    out: Path
+    cfg: PipelineConfig
+    log: Callable[[str], None] = print
+    force: bool = False
+    data: Any = None
+    split: Any = None
+    embeddings: np.ndarray | None = None
+    sid_map: torch.Tensor | None = None
+    codebooks: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: SIDLayout | None = None
+    model: Any = None
+    fps: dict[str, str] = field(default_factory=dict)
+
+    def stamp_path(self, stage: str) -> Path:
+        return self.out / "stages" / f"{stage}.json"
+
+    def is_fresh(self, stage: str, fp: str) -> bool:
+        p = self.stamp_path(stage)
+        if self.force or not p.is_file():
+            return False
+        try:
+            return json.loads(p.read_text()).get("fingerprint") == fp
+        except json.JSONDecodeError:
+            return False
+
+    def stamp(self, stage: str, fp: str, **info: Any) -> None:
+        self.stamp_path(stage).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.stamp_path(stage), {"stage": stage, "fingerprint": fp,
+                                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+
+
+def stage_data(run: Run) -> None:
+    from training.data import leave_one_out, load_dataset
+
+    if run.data is None:
+        if run.data_path is None:
+            raise ValueError("no dataset given: pass --data PATH (a P5 directory, interactions table or RecBole files)")
+        run.data = load_dataset(run.data_path)
+        run.split = leave_one_out(run.data)
+    d = run.data
+    run.fps["data"] = d.fingerprint
+    if not run.is_fresh("data", d.fingerprint):
+        run.out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(run.out / "item_ids.json", d.item_ids)
+        run.stamp("data", d.fingerprint, name=d.name, users=d.num_users, items=d.num_items,
+                  interactions=d.num_interactions)
+    run.log(f"data: {d.name}: {d.num_users} users, {d.num_items} items, {d.num_interactions} interactions")
+
+
+def stage_embed(run: Run) -> None:
+    from training.embeddings import DEFAULT_TEMPLATE, embed_items, render_text
+
+    if run.data is None:
+        stage_data(run)
+    c = run.cfg.embed
+    template = c.template or DEFAULT_TEMPLATE
+    texts = [render_text(f, template) for f in run.data.item_fields]
+    fp = fingerprint(run.fps["data"], c)
+    run.fps["embed"] = fp
+    path = run.out / "embeddings.npy"
+    if run.is_fresh("embed", fp) and path.is_file():
+        run.embeddings = np.load(path)
+        return
+    t = time.time()
+    # Items without any text are embedded by their id (the readers already warned about them).
+    cache = os.environ.get("SIDREC_CACHE_DIR", "cache")
+    run.embeddings = embed_items(texts, c.model, batch_size=c.batch_size, cache_dir=str(Path(cache) / "embeddings"),
+                                 allow_empty=True, item_ids=run.data.item_ids)
+    tmp = path.with_name(f"embeddings.{os.getpid()}.tmp.npy")
+    np.save(tmp, run.embeddings)
+    os.replace(tmp, path)
+    run.stamp("embed", fp, shape=list(run.embeddings.shape), seconds=round(time.time() - t, 1))
+
+
+def stage_sids(run: Run) -> None:
+    from training.quantize import rq_kmeans, rq_vae
+    from training.sids import add_dedup_digit, plot_codebook_usage, sid_report
+
+    if run.embeddings is None:
+        stage_embed(run)
+    c = run.cfg.sid
+    fp = fingerprint(run.fps["embed"], c)
+    run.fps["sids"] = fp
+    path = run.out / "sids.safetensors"
+    if run.is_fresh("sids", fp) and path.is_file():
+        _load_sids(run, path)
+        return
+    X = run.embeddings
+    if c.method == "rq_kmeans":
+        rq = rq_kmeans(X, c.levels, c.codebook_size, balanced=c.balanced, niter=c.niter, seed=c.seed)
+    elif c.method == "rq_vae":
+        rq = rq_vae(X, c.levels, c.codebook_size, seed=c.seed)
+    else:
+        raise ValueError(f"unknown SID method {c.method!r}: use 'rq_kmeans' or 'rq_vae'")
+    sid_map, dedup_card = add_dedup_digit(rq.codes)
+    cards = tuple(int(cb.shape[0]) for cb in rq.codebooks) + (int(dedup_card),)
+    report = sid_report(rq.codes, rq.codebooks, X, cards)
+    (run.out / "report").mkdir(parents=True, exist_ok=True)
+    plot_codebook_usage(sid_map.T, cards, run.out / "report" / "codebook_usage.png")
+    tensors = {"sid_map": torch.as_tensor(sid_map, dtype=torch.int64),
+               "cardinalities": torch.tensor(cards, dtype=torch.int64)}
+    for l, cb in enumerate(rq.codebooks):
+        tensors[f"codebook_{l}"] = torch.as_tensor(np.asarray(cb), dtype=torch.float32)
+    tmp = path.with_name(f"sids.{os.getpid()}.tmp.safetensors")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    _atomic_json(run.out / "report" / "sid_report.json", report)
+    run.stamp("sids", fp, cardinalities=list(cards), method=c.method)
+    run.log("sids: " + json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+    _load_sids(run, path)
+
+
+def _load_sids(run: Run, path: Path) -> None:
+    t = load_file(str(path))
+    run.sid_map = t["sid_map"]
+    run.layout = SIDLayout(tuple(int(c) for c in t["cardinalities"].tolist()))
+    run.codebooks = {k: v for k, v in t.items() if k.startswith("codebook_")}
+
+
+def stage_train(run: Run) -> None:
+    from training.data import sliding_windows
+    from training.train import WindowSet, build_model, train_model
+
+    if run.sid_map is None:
+        stage_sids(run)
+    c = run.cfg.train
+    fp = fingerprint(run.fps["sids"], run.fps["data"], c)
+    run.fps["train"] = fp
+    ckpt_dir = run.out / "checkpoints"
+    if run.is_fresh("train", fp) and (ckpt_dir / "best.safetensors").is_file():
+        run.model = build_model(c, run.layout)
+        run.model.load_state_dict(load_file(str(ckpt_dir / "best.safetensors")))
+        run.model.eval()
+        return
+    hist, length, target = sliding_windows(run.split.train, c.max_history)
+    run.log(f"train: {len(target)} sliding-window samples, arch {c.arch}, dtype {c.dtype}")
+    res = train_model(c, run.layout, run.sid_map, WindowSet(hist, length, target),
+                      run.split.valid_history, np.asarray(run.split.valid_target), out_dir=ckpt_dir, log=run.log)
+    run.model = res.model
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from training.report import plot_learning_curves
+
+    (run.out / "report").mkdir(parents=True, exist_ok=True)
+    plot_learning_curves(res.history, run.out / "report" / "learning_curves.png")
+    run.stamp("train", fp, best_epoch=res.best_epoch, best_valid_recall10=res.best_valid,
+              train_minutes=round(res.train_seconds / 60, 2), samples_per_second=round(res.samples_per_second, 1),
+              epochs_run=len(res.history))
+
+
+def stage_evaluate(run: Run) -> dict:
+    from training.evaluate import evaluate, popularity_metrics
+
+    if run.model is None:
+        stage_train(run)
+    ce = run.cfg.eval
+    fp = fingerprint(run.fps["train"], ce)
+    run.fps["evaluate"] = fp
+    path = run.out / "metrics.json"
+    if run.is_fresh("evaluate", fp) and path.is_file():
+        return json.loads(path.read_text())
+    sp = run.split
+    trie = PrefixTrie.build(run.sid_map, run.layout.cardinalities)
+    dtype = torch.bfloat16 if run.cfg.train.dtype == "bfloat16" else torch.float32
+    t = time.time()
+    test = evaluate(run.model, trie, run.sid_map, sp.test_history, np.asarray(sp.test_target), beam=ce.beam,
+                    wide_beams=ce.wide_beams, wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype,
+                    progress=True)
+    pop = popularity_metrics(sp.train, np.asarray(sp.test_target), run.data.num_items, ks=(5, 10))
+    stamp = json.loads(run.stamp_path("train").read_text()) if run.stamp_path("train").is_file() else {}
+    metrics = {"dataset": run.data.name, "split": "test (leave-one-out)", "beam": ce.beam, **test,
+               "popularity": pop, "train_minutes": stamp.get("train_minutes"),
+               "best_epoch": stamp.get("best_epoch"), "eval_seconds": round(time.time() - t, 1),
+               "device": run.cfg.train.device}
+    _atomic_json(path, metrics)
+    run.stamp("evaluate", fp)
+    run.log("evaluate: " + json.dumps(metrics))
+    return metrics
+
+
+def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
+    if run.model is None:
+        stage_train(run)
+    metrics = stage_evaluate(run)
+    d = run.data
+    bundle_dir = bundle_dir or run.out / "bundle"
+    sid_stamp = json.loads(run.stamp_path("sids").read_text())
+    extra = {"dataset": {"name": d.name, "fingerprint": d.fingerprint, "users": d.num_users, "items": d.num_items},
+             "sid": {"method": run.cfg.sid.method, "levels": run.cfg.sid.levels,
+                     "codebook_size": run.cfg.sid.codebook_size, "dedup_digit": True,
+                     "cardinalities": sid_stamp.get("cardinalities")},
+             "evaluation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+             "pipeline": run.cfg.to_dict()}
+    path = save_bundle(bundle_dir, run.model, run.sid_map, d.item_ids, codebooks=run.codebooks, metrics=metrics,
+                       extra_config=extra, report_dir=run.out / "report", overwrite=True)
+    run.stamp("export", fingerprint(run.fps.get("evaluate"), str(path)), bundle=str(path))
+    run.log(f"export: bundle written to {path}")
+    return path
+
+
+def run_pipeline(data_path: str | None, out: str | Path, cfg: PipelineConfig, until: str = "export",
+                 only: str | None = None, force: bool = False, log: Callable[[str], None] = print,
+                 data: Any = None) -> Run:
+    """Run stages up to `until` (or just `only`, computing what it needs). `data` may be an
+    already-loaded InteractionData (the synthetic generator's), instead of a path."""
+    run = Run(data_path, Path(out), cfg, log=log, force=force)
+    run.out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(run.out / "pipeline_config.json", cfg.to_dict())
+    if data is not None:
+        from training.data import leave_one_out
+
+        run.data, run.split = data, leave_one_out(data)
+    fns = {"data": stage_data, "embed": stage_embed, "sids": stage_sids, "train": stage_train,
+           "evaluate": stage_evaluate, "export": stage_export}
+    stages = [only] if only else STAGES[: STAGES.index(until) + 1]
+    for s in stages:
+        if s not in fns:
+            raise ValueError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+        fns[s](run)
+    return run
