@@ -49,8 +49,8 @@ class EngineOptions:
     # glibc: keep freed blocks up to 32 MB in the heap instead of unmapping them, so the per-step
     # activations of wide beams are not page-faulted afresh on every request (~5% at beam 1000).
     tune_malloc: bool = True
-    # torch.compile the per-beam self-attention (torch backend): ~6% at beam 1000 in bf16 on this
-    # CPU, for ~25 s of compilation at the first request. Off by default.
+    # torch.compile the per-beam self-attention (torch backend): ~5% at beam 1000 in bf16 on the
+    # dev CPU, for ~16 s of compilation at the first request. Off by default.
     compile: bool = False
 
 

@@ -7,7 +7,9 @@ Both architectures expose the same two decoding entry points used by `model.beam
   decoder-only model's history cache). Beams index into it; nothing is copied per beam.
 * `decode_step(prefix, cache, tokens, step)` advances all beams by one SID level, writing the
   new self-attention K/V into a `BeamCache` preallocated for L steps, and returns logits over
-  that level's codebook only (each level owns a disjoint vocabulary slice).
+  that level's codebook only (each level owns a disjoint vocabulary slice). Its fast path (packed
+  weights, bf16 under autocast, beam chunking) lives in `model.decode`; `forward` stays the
+  training definition it is tested against.
 
 It is not a general language model: the decoder only ever generates the L codes of one item.
 Layer layout is pre-norm (RMSNorm), no biases, GELU feed-forward, tied input/output embeddings.
@@ -278,7 +280,8 @@ class SIDTransformer(nn.Module):
 
         Returns fp32 logits (B, K, C_step) over the codebook of level `step`.
         src_len (B,) real history lengths, needed only by the decoder-only variant's positions.
-        Runs in bf16 (fp32 residual stream, norms and softmax) when called under a bf16 autocast.
+        Runs its matmuls in the autocast dtype (bf16; fp16 on CUDA) when called under autocast,
+        with the residual stream, norms and softmax in fp32.
         """
         dtype = compute_dtype(tokens.device)
         if self.cfg.arch == "encoder_decoder":

@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    # 1 MiB holds the largest valid request (256 users x 512 ids of 128 chars is ~17 MB, so the
-    # batch caps below are what bound a body in practice; 1 MiB stops abuse well before that).
+    # 1 MiB: a 64-user batch of 20-item histories is ~30 KB and a maximal single request
+    # (512 ids of 128 chars) ~70 KB; anything near 1 MiB is a mistake or abuse.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     admin_token: SecretStr | None = None  # unset -> admin endpoints answer 403 admin_disabled
 

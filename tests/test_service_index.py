@@ -1,7 +1,6 @@
 """Inverse index: codec, in-process and Redis lookups, versioned loads, atomic switch, the Redis-backed app."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
