@@ -4,8 +4,9 @@ One run measures, side by side on the same TIGER-sized random model (4+4 layers,
 6 heads of 64, d_ff 1024) and a random catalogue of 12,101 unique SIDs (3 skewed levels of 256 +
 dedup digit), with histories of 20 items (80 tokens):
 
-* engine/torch-fp32, engine/torch-bf16 (bf16 autocast), engine/onnxruntime (fp32): the one
-  `beam_search`, KV-cached, prefix K/V shared by a request's beams;
+* engine/torch-fp32, engine/torch-bf16 (bf16 autocast: bf16 matmuls and per-beam cache, as
+  `RecommendEngine(dtype="bfloat16")` runs), engine/onnxruntime (fp32): the one `beam_search`,
+  KV-cached, prefix K/V shared by a request's beams;
 * no-cache: the same model and beam step, but each step re-runs the decoder's training layers
   over the whole decoded prefix of every beam (self-attention recomputed from scratch, the
   cross-attention K/V re-projected from the encoder memory every step; the encoder itself runs
@@ -17,7 +18,9 @@ It also reports, for the engine at each width, the decoder GFLOP/s (FLOPs of the
 executed, counting only live beams per level) against this machine's measured matmul rate at the
 same shapes and dtype in this run (the roofline fraction), and the share of step time spent in
 the beam step (masking + top-K). Absolute times depend on what else runs on the machine; compare
-ratios within one run. Prints a table, then one JSON line.
+ratios within one run (the JSON records the load average). OpenMP workers are set to sleep when
+idle (OMP_WAIT_POLICY=PASSIVE unless set): spinning teams collapse on a shared machine.
+Prints a table, then one JSON line.
 
     .venv/bin/python benchmarks/engine_bench.py [--threads 2] [--beams 10 100 256 1000] [--quick]
 """
@@ -31,8 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# Idle OpenMP workers must sleep, not spin: on a machine shared with other jobs a spinning
+# 2-thread team waits on a descheduled peer at every barrier (measured 100x slower at beam 10).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.beam_step_ref import beam_step_reference  # noqa: E402
@@ -255,7 +262,7 @@ def main() -> None:
                 def run():
                     with ctx():
                         beam_search(timed, trie, src, mask, K, TOP_N, beam_step=timed.beam_step,
-                                    cache_dtype=torch.float32)
+                                    cache_dtype=None)  # the prefix's dtype, as the engine does
 
                 run()  # first call: weight packing, allocator warm-up
                 timed.t = dict.fromkeys(timed.t, 0.0)

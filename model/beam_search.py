@@ -6,7 +6,9 @@ It is not a general sequence generator: it decodes exactly one item's L SID code
 Per request the history is encoded once (`model.prefill`); every beam then attends to that
 shared prefix by indexing. Each step runs the decoder on the K live beams, then the fused beam
 step (`kernels`) scores only valid trie children and keeps the top K. Widths are Python ints
-fixed before the loop, so the loop never waits on the device.
+fixed before the loop, so the loop never waits on the device: a level keeps at most as many
+beams as the trie has prefixes there (known from tensor shapes), so at beam 1000 the second
+level decodes the 256 possible first codes rather than 1000 rows of which 744 are dead.
 """
 from __future__ import annotations
 

@@ -126,6 +126,15 @@ def own_attention(q: Tensor, keys: Tensor, vals: Tensor) -> Tensor:
     return o.to(q.dtype)
 
 
+def _own_attention_apart(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor) -> Tensor:
+    """`own_attention` for exported graphs: this step's k/v (B, K, H, dh) kept apart from the
+    cached positions ck/cv (B, K, H, step, dh), which ONNX would otherwise copy into a concat
+    and gather back out position by position (~15% of an onnxruntime step at beam 1000)."""
+    s = torch.cat([(q[:, :, :, None] * ck).sum(-1), (q * k).sum(-1, keepdim=True)], -1)  # (B, K, H, t)
+    p = torch.softmax(s.float(), -1)
+    return (p[..., :-1, None] * cv).sum(-2) + p[..., -1:] * v  # (B, K, H, dh)
+
+
 def enable_compiled_decode(model, enabled: bool = True) -> None:
     """Use a torch.compile'd `own_attention` in this module's decoder steps. Optional: measured
     ~5% per request at beam 1000 in bf16 on the 2-core dev CPU, for ~16 s of compilation at the
@@ -136,7 +145,7 @@ def enable_compiled_decode(model, enabled: bool = True) -> None:
         model.__dict__.pop("_decode_own_attention", None)
 
 
-def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor, has_ctx: Tensor | None,
+def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
                   ck: Tensor, cv: Tensor, step: int, h: int, dh: int, eps: float, write: bool,
                   own=own_attention) -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer for K beams. Returns (x, k, v): k/v (B, K, H, dh) of this step."""
@@ -145,8 +154,11 @@ def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tens
     dt = w.qkv.dtype
     a = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.qkv)  # (B, K, 3I)
     q, k, v = (t.unflatten(-1, (h, dh)) for t in a.split(I, -1))  # (B, K, H, dh) each
-    keys, vals = _own_cache(k, v, ck, cv, step, write)  # (B, K, H, t, dh)
-    o = v if step == 0 else own(q, keys, vals)  # one position: the softmax is 1, the output is v
+    if write:
+        keys, vals = _own_cache(k, v, ck, cv, step, write)  # (B, K, H, t, dh), this step written
+        o = v if step == 0 else own(q, keys, vals)  # one position: the softmax is 1, the output is v
+    else:
+        o = v if step == 0 else _own_attention_apart(q, k, v, ck, cv)
     x = x + F.linear(o.reshape(B, K, I), w.o)
     q = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.cq)  # (B, K, I)
     q = q.view(B, K, h, dh).transpose(1, 2)  # (B, H, K, dh): the beams are query rows
@@ -155,14 +167,12 @@ def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tens
     else:  # bf16/fp16: two GEMMs + an fp32 softmax beat the CPU flash kernel by ~1.5x here
         s = torch.matmul(q, pk.transpose(-1, -2) * (dh ** -0.5)).float() + mask  # (B, H, K, T)
         o = torch.matmul(torch.softmax(s, -1).to(dt), pv)
-    if has_ctx is not None:  # an empty history attends to nothing: output 0, as torch's SDPA does
-        o = torch.where(has_ctx, o, torch.zeros_like(o))
     x = x + F.linear(o.transpose(1, 2).reshape(B, K, I), w.co)
     u = F.gelu(F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.up))  # (B, K, F)
     return x + F.linear(u, w.down), k, v
 
 
-def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor, has_ctx: Tensor | None,
+def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
                    ck: Tensor, cv: Tensor, step: int, h: int, dh: int, eps: float, write: bool,
                    own=None) -> tuple[Tensor, Tensor, Tensor]:
     """One causal layer: the K beams attend jointly to the shared history and their own codes."""
@@ -186,12 +196,12 @@ def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Ten
 
 def decoder_layers(cfg, w: DecodeWeights, x: Tensor, pks: list[Tensor], pvs: list[Tensor], mask: Tensor,
                    cks: list[Tensor], cvs: list[Tensor], step: int, write: bool = True,
-                   has_ctx: Tensor | None = None, own=own_attention) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                   own=own_attention) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """All decoder layers + output head for one step. x (B, K, D) fp32 -> (logits (B, K, C_step), ks, vs)."""
     layer_fn = _layer_encdec if cfg.arch == "encoder_decoder" else _layer_deconly
     ks, vs = [], []
     for i, lw in enumerate(w.layers):
-        x, k, v = layer_fn(lw, x, pks[i], pvs[i], mask, has_ctx, cks[i], cvs[i], step,
+        x, k, v = layer_fn(lw, x, pks[i], pvs[i], mask, cks[i], cvs[i], step,
                            cfg.n_heads, cfg.d_head, w.eps, write, own)
         ks.append(k)
         vs.append(v)
@@ -204,14 +214,17 @@ def step_mask(cfg, prefix_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return prefix_mask.to(dtype) if cfg.arch == "encoder_decoder" and dtype == torch.float32 else prefix_mask.float()
 
 
-def context_mask(cfg, prefix_mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(mask, has_ctx) for the manual bf16 cross-attention: a request with an empty history gets a
-    zero mask (no NaN from an all -inf softmax) and has_ctx (B, 1, 1, 1) False to zero its output."""
+def context_mask(cfg, prefix_mask: Tensor, pvs: list[Tensor], dtype: torch.dtype, spelled_out: bool
+                 ) -> tuple[Tensor, list[Tensor]]:
+    """(mask, values) for the cross-attention, keeping torch's rule that a request with an empty
+    history (all keys masked) gets output 0, not NaN, when the softmax is spelled out (bf16 GEMMs,
+    exported graphs): its mask row becomes 0 (a harmless uniform softmax) and its values 0."""
     mask = step_mask(cfg, prefix_mask, dtype)
-    if cfg.arch != "encoder_decoder" or dtype == torch.float32:
-        return mask, None
+    if cfg.arch != "encoder_decoder" or not spelled_out:
+        return mask, pvs
     has_ctx = (prefix_mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
-    return torch.where(has_ctx, mask, torch.zeros_like(mask)), has_ctx
+    return (torch.where(has_ctx, mask, torch.zeros_like(mask)),
+            [v * has_ctx.to(v.dtype) for v in pvs])  # (B, H, T, dh): tiny, once per step
 
 
 def run_decoder(model, w: DecodeWeights, x: Tensor, prefix, cache, step: int) -> Tensor:
@@ -222,7 +235,7 @@ def run_decoder(model, w: DecodeWeights, x: Tensor, prefix, cache, step: int) ->
     # Shared per request: cast once per step (a no-op when prefill ran in the compute dtype).
     pks = [k.to(dt) for k in prefix.keys]
     pvs = [v.to(dt) for v in prefix.values]
-    mask, has_ctx = context_mask(cfg, prefix.mask, dt)
+    mask, pvs = context_mask(cfg, prefix.mask, pvs, dt, spelled_out=dt != torch.float32)
     own = model.__dict__.get("_decode_own_attention", own_attention)
     chunk = max(1, ROW_CHUNK // max(B, 1)) if x.device.type == "cpu" else K  # GPUs want one big step
     outs = []
@@ -230,7 +243,7 @@ def run_decoder(model, w: DecodeWeights, x: Tensor, prefix, cache, step: int) ->
         k1 = min(K, k0 + chunk)
         logits, _, _ = decoder_layers(cfg, w, x[:, k0:k1], pks, pvs, mask,
                                       [c[:, k0:k1] for c in cache.keys], [c[:, k0:k1] for c in cache.values], step,
-                                      has_ctx=has_ctx, own=own)
+                                      own=own)
         outs.append(logits)  # (B, Kc, C_step)
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 

@@ -16,6 +16,7 @@ with write=False, so it cannot drift from the torch path. It is not a training e
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -27,23 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.decode import decoder_layers, pack_weights, step_mask
+from model.decode import context_mask, decoder_layers, pack_weights
 from model.transformer import BeamCache, Prefix, SIDTransformer
 
 EXPORT_VERSION = 1
 OPSET = 17
 
 
-def _sdpa_nan_safe(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _sdpa_nan_safe(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                   nan_safe=True):
     """SDPA written out for export, with torch's CPU kernel's rule that a row whose keys are all
-    masked (an empty history) outputs 0 rather than NaN."""
+    masked (an empty history) outputs 0 rather than NaN. The step graphs never see such a row
+    (`context_mask` rewrites it) and skip that guard: a (B, H, K, T) select per layer."""
     if is_causal or dropout_p:
         raise NotImplementedError(f"export-time SDPA supports an additive mask only ({is_causal=}, {dropout_p=})")
     s = torch.matmul(q, k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
     if attn_mask is not None:
         s = s + attn_mask
     p = torch.softmax(s, -1)
-    p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
+    if nan_safe:
+        p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
     return torch.matmul(p, v)
 
 
@@ -55,10 +59,12 @@ def _rms_norm_decomposed(x, normalized_shape, weight=None, eps=None):
 
 
 @contextlib.contextmanager
-def _export_functions():
-    """Swap in exportable SDPA and RMSNorm while tracing (torch.nn.functional is restored after)."""
+def _export_functions(nan_safe: bool = True):
+    """Swap in exportable SDPA and RMSNorm while tracing (torch.nn.functional is restored after;
+    a thread running the model meanwhile gets the same numbers through the slower spelled-out ops)."""
     orig = F.scaled_dot_product_attention, F.rms_norm
-    F.scaled_dot_product_attention, F.rms_norm = _sdpa_nan_safe, _rms_norm_decomposed
+    F.scaled_dot_product_attention = functools.partial(_sdpa_nan_safe, nan_safe=nan_safe)
+    F.rms_norm = _rms_norm_decomposed
     try:
         yield
     finally:
@@ -96,10 +102,9 @@ class _StepGraph(nn.Module):
         else:
             pos = (src_len + step).clamp(max=m.pos.num_embeddings - 1)
             x = m.tok_emb(tokens) + m.pos(pos)[:, None, :]
-        has_ctx = (mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
         w = pack_weights(m, torch.float32)
-        logits, ks, vs = decoder_layers(m.cfg, w, x, pks, pvs, step_mask(m.cfg, mask, torch.float32),
-                                        cks, cvs, step, write=False, has_ctx=has_ctx)
+        mask, pvs = context_mask(m.cfg, mask, pvs, torch.float32, spelled_out=True)
+        logits, ks, vs = decoder_layers(m.cfg, w, x, pks, pvs, mask, cks, cvs, step, write=False)
         return (logits, *ks, *vs)
 
 
@@ -141,25 +146,27 @@ def export_onnx(model: SIDTransformer, out_dir: str | Path) -> Path:
 def _export_all(model: SIDTransformer, out: Path) -> None:
     cfg, n = model.cfg, len(model.decoder)
     B, K, T = 2, 3, 2 * cfg.num_levels
-    src = torch.randint(2, cfg.layout.vocab_size, (B, T))
+    g = torch.Generator().manual_seed(0)  # example inputs only; leaves the global RNG alone
+    src = torch.randint(2, cfg.layout.vocab_size, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, : cfg.num_levels] = False
     io = dict(dynamo=False, opset_version=OPSET, do_constant_folding=True)
     kv_names = [f"{p}{i}" for p in ("pk", "pv") for i in range(n)]
-    with torch.no_grad(), _export_functions(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tmp = out / "prefill.onnx.tmp"
-        torch.onnx.export(_PrefillGraph(model).eval(), (src, mask), str(tmp), input_names=["src", "src_mask"],
-                          output_names=kv_names + ["mask"],
-                          dynamic_axes={"src": {0: "B", 1: "T"}, "src_mask": {0: "B", 1: "T"},
-                                        **{k: {0: "B", 2: "T"} for k in kv_names}, "mask": {0: "B", 3: "T"}},
-                          **io)
+        with _export_functions(nan_safe=True):
+            torch.onnx.export(_PrefillGraph(model).eval(), (src, mask), str(tmp), input_names=["src", "src_mask"],
+                              output_names=kv_names + ["mask"],
+                              dynamic_axes={"src": {0: "B", 1: "T"}, "src_mask": {0: "B", 1: "T"},
+                                            **{k: {0: "B", 2: "T"} for k in kv_names}, "mask": {0: "B", 3: "T"}},
+                              **io)
         os.replace(tmp, out / "prefill.onnx")
         prefix = model.prefill(src, mask)
         cache = model.new_cache(B, K, torch.device("cpu"), torch.float32)
         for c in cache.keys + cache.values:
-            c.normal_()
-        tokens = torch.randint(2, cfg.layout.vocab_size, (B, K))
+            c.normal_(generator=g)
+        tokens = torch.randint(2, cfg.layout.vocab_size, (B, K), generator=g)
         src_len = mask.sum(1)
         for step in range(cfg.num_levels):
             c_names = [f"{p}{i}" for p in ("ck", "cv") for i in range(n)] if step > 0 else []
@@ -170,9 +177,10 @@ def _export_all(model: SIDTransformer, out: Path) -> None:
                    **{k: {0: "B", 2: "T"} for k in kv_names}, **{k: {0: "B", 1: "Kmax"} for k in c_names},
                    "logits": {0: "B", 1: "K"}, **{k: {0: "B", 1: "K"} for k in outs[1:]}}
             tmp = out / f"step{step}.onnx.tmp"
-            torch.onnx.export(_StepGraph(model, step).eval(), args, str(tmp),
-                              input_names=["tokens", "src_len", "mask"] + kv_names + c_names,
-                              output_names=outs, dynamic_axes=dyn, **io)
+            with _export_functions(nan_safe=False):
+                torch.onnx.export(_StepGraph(model, step).eval(), args, str(tmp),
+                                  input_names=["tokens", "src_len", "mask"] + kv_names + c_names,
+                                  output_names=outs, dynamic_axes=dyn, **io)
             os.replace(tmp, out / f"step{step}.onnx")
 
 
@@ -193,6 +201,8 @@ class OnnxDecoder:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = num_threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
+        # Spinning worker threads make a shared CPU (other processes runnable) many times slower.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         d = Path(model_dir)
         prov = ["CPUExecutionProvider"]
         self.prefill_sess = ort.InferenceSession(str(d / "prefill.onnx"), so, providers=prov)

@@ -172,12 +172,19 @@ class SIDTransformer(nn.Module):
             self.decoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_dec_layers))
         self.dec_norm = RMSNorm(D)
         self.apply(self._init)
+        # T5's initialisation of tied embeddings: unit variance, so that the d^-0.5-scaled output
+        # logits start at O(1). With the usual 0.02 the logits start ~50x too small and the model
+        # spent a whole Beauty epoch near the uniform loss (measured: 17.0 vs 15.3 after 90 steps).
+        nn.init.normal_(self.tok_emb.weight, std=1.0)
+        with torch.no_grad():
+            self.tok_emb.weight[PAD_ID].zero_()
+        for name in ("enc_pos", "dec_pos", "pos"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name).weight, std=0.5)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-        elif isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
     # ---- shared pieces -------------------------------------------------------------------

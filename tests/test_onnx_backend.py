@@ -13,7 +13,7 @@ from model.bundle import load_bundle, save_bundle  # noqa: E402
 from model.config import BOS_ID  # noqa: E402
 from model.engine import EngineOptions, RecommendEngine  # noqa: E402
 from model.onnx_backend import OnnxDecoder  # noqa: E402
-from tests.test_decoding import CARDS, HISTORIES, make_catalogue, make_model  # noqa: E402
+from tests.test_decoding import CARDS, HISTORIES, _one_thread, make_catalogue, make_model  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module", params=["encoder_decoder", "decoder_only"])
