@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.beam_step_ref import beam_step_reference  # noqa: E402
-from kernels.trie import PrefixTrie  # noqa: E402
+from kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
 from model.beam_search import beam_search, encode_histories  # noqa: E402
 from model.config import BOS_ID, ModelConfig, SIDLayout  # noqa: E402
 from model.engine import tune_glibc_malloc  # noqa: E402
@@ -58,16 +58,8 @@ def random_catalogue(n: int, seed: int = 0, card: int = 256) -> tuple[torch.Tens
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(3, card, generator=g), -1)
     c = torch.stack([torch.multinomial(probs[l], n, replacement=True, generator=g) for l in range(3)])
-    key = (c[0] * card + c[1]) * card + c[2]
-    order = torch.argsort(key, stable=True)
-    sk = key[order]
-    start = torch.ones(n, dtype=torch.bool)
-    start[1:] = sk[1:] != sk[:-1]
-    pos = torch.arange(n)
-    run_start = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
-    dedup = torch.empty(n, dtype=torch.int64)
-    dedup[order] = pos - run_start
-    return torch.cat([c, dedup[None]]), (card, card, card, int(dedup.max()) + 1)
+    sid, dedup_card = append_dedup_digit(c)
+    return sid, (card, card, card, dedup_card)
 
 
 def live_beams(trie: PrefixTrie, K: int) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.trie import PrefixTrie  # noqa: E402
+from kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
 
 TARGET = 16.0  # bytes per item we hold ourselves to (STATIC reports ~9 without the PID maps)
 
@@ -34,17 +34,8 @@ def random_sids(n: int, seed: int = 0, card: int = 256) -> tuple[torch.Tensor, t
     """(4, n) unique SIDs: 3 skewed levels + dedup digit (rank among items sharing 3 codes)."""
     g = torch.Generator().manual_seed(seed)
     c = torch.stack([skewed_codes(n, card, g) for _ in range(3)])  # (3, n)
-    key = (c[0] * card + c[1]) * card + c[2]
-    order = torch.argsort(key, stable=True)
-    sk = key[order]
-    start = torch.ones(n, dtype=torch.bool)
-    start[1:] = sk[1:] != sk[:-1]
-    pos = torch.arange(n)
-    run_start = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
-    dedup = torch.empty(n, dtype=torch.int64)
-    dedup[order] = pos - run_start
-    sid = torch.cat([c, dedup[None]])
-    return sid, (card, card, card, int(dedup.max()) + 1)
+    sid, dedup_card = append_dedup_digit(c)
+    return sid, (card, card, card, dedup_card)
 
 
 def main() -> None:

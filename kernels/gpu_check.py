@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from kernels.beam_step_ref import beam_step_reference  # noqa: E402
-from kernels.trie import PrefixTrie  # noqa: E402
+from kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
 
 HISTORY = 20  # items per request history
 TOP_N = 10
@@ -74,16 +74,8 @@ def log(msg: str) -> None:
 def random_sids(n: int, g: torch.Generator, card: int = 256) -> tuple[torch.Tensor, tuple[int, ...]]:
     """(4, n) unique SIDs: 3 uniform levels of `card` codes + a dedup digit (rank among collisions)."""
     c = torch.randint(0, card, (3, n), generator=g)
-    key = (c[0] * card + c[1]) * card + c[2]
-    order = torch.argsort(key, stable=True)
-    sk = key[order]
-    start = torch.ones(n, dtype=torch.bool)
-    start[1:] = sk[1:] != sk[:-1]
-    pos = torch.arange(n)
-    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
-    dedup = torch.empty(n, dtype=torch.int64)
-    dedup[order] = pos - first
-    return torch.cat([c, dedup[None]]), (card, card, card, int(dedup.max()) + 1)
+    sid, dedup_card = append_dedup_digit(c)
+    return sid, (card, card, card, dedup_card)
 
 
 class Timer:
