@@ -55,7 +55,28 @@ class EngineOptions:
     compile: bool = False
 
 
-class RecommendEngine:
+class CatalogueIds:
+    """External item ids <-> internal indices, shared by the engine and its process proxy.
+    Needs `bundle` (with `.version`), `item_ids` and `index_of` on the instance."""
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def to_internal(self, external: Sequence[str]) -> tuple[list[int], list[str]]:
+        """External ids -> (known internal indices in order, unknown ids)."""
+        known, unknown = [], []
+        for x in external:
+            i = self.index_of.get(str(x))
+            (unknown.append(str(x)) if i is None else known.append(i))
+        return known, unknown
+
+
+class RecommendEngine(CatalogueIds):
     def __init__(self, bundle: Bundle, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
         if self.options.dtype not in ("float32", "bfloat16"):
@@ -92,22 +113,6 @@ class RecommendEngine:
     def from_path(cls, path: str, options: EngineOptions | None = None) -> "RecommendEngine":
         opts = options or EngineOptions()
         return cls(load_bundle(path, device=opts.device), opts)
-
-    @property
-    def version(self) -> str:
-        return self.bundle.version
-
-    @property
-    def num_items(self) -> int:
-        return len(self.item_ids)
-
-    def to_internal(self, external: Sequence[str]) -> tuple[list[int], list[str]]:
-        """External ids -> (known internal indices in order, unknown ids)."""
-        known, unknown = [], []
-        for x in external:
-            i = self.index_of.get(str(x))
-            (unknown.append(str(x)) if i is None else known.append(i))
-        return known, unknown
 
     def set_masked(self, external: Sequence[str], masked: bool = True) -> list[str]:
         """Mask (or unmask) items without rebuilding anything. Returns the ids not in the catalogue."""

@@ -24,6 +24,7 @@ import torch
 
 from model.beam_search import BeamResult
 from model.config import ModelConfig
+from model.engine import CatalogueIds
 
 _METHODS = ("recommend", "score", "set_masked")
 
@@ -80,7 +81,7 @@ def _serve(conn, path: str, options) -> None:
             conn.send(("error", type(e).__name__, str(e)))
 
 
-class EngineProcess:
+class EngineProcess(CatalogueIds):
     def __init__(self, proc, conn, info: BundleInfo) -> None:
         self._proc, self._conn = proc, conn
         self._lock = threading.Lock()
@@ -114,21 +115,6 @@ class EngineProcess:
         return cls(proc, parent, info)
 
     # --- the RecommendEngine surface ------------------------------------------------------------
-
-    @property
-    def version(self) -> str:
-        return self.bundle.version
-
-    @property
-    def num_items(self) -> int:
-        return len(self.item_ids)
-
-    def to_internal(self, external: Sequence[str]) -> tuple[list[int], list[str]]:
-        known, unknown = [], []
-        for x in external:
-            i = self.index_of.get(str(x))
-            (unknown.append(str(x)) if i is None else known.append(i))
-        return known, unknown
 
     def recommend(self, histories, beam_width, top_n, exclude=None) -> BeamResult:
         return self._call("recommend", histories, beam_width, top_n, exclude=exclude)
