@@ -140,3 +140,21 @@ def test_torchrun_two_process_smoke(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
     stamp = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
     assert stamp["epochs_run"] == 1
+
+
+@pytest.mark.slow
+def test_new_item_gets_the_sid_of_its_text_without_retraining(trained_run):
+    from training.embeddings import render_text
+    from training.new_items import assign_new_items
+
+    run, out, _ = trained_run
+    texts = [render_text(run.data.item_fields[p]) for p in (0, 1)]
+    res = assign_new_items(out / "bundle", texts + texts[:1])
+    sid_map = run.sid_map.numpy()
+    for j, p in enumerate((0, 1, 0)):
+        # Same text as an existing item -> same codes, and a dedup digit no other item holds.
+        assert res.sids[j, :-1].tolist() == sid_map[:-1, p].tolist()
+    assert res.sids[0, -1] != res.sids[2, -1]
+    existing = {tuple(c) for c in sid_map.T.tolist()}
+    assert not any(tuple(s) in existing for s in res.sids.tolist())
+    assert res.nearest_existing[0] is not None

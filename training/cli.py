@@ -6,6 +6,7 @@ and (delegated to `service.cli`) the server and the Redis index tools.
     sidrec train --data ... --out ... --set train.epochs=10 --set sid.balanced=true
     sidrec synth --out data/synthetic                                          # P5-format files
     sidrec demo-bundle bundles/demo                                            # small trained bundle
+    sidrec assign-sids --bundle runs/beauty/bundle --text "..."                # SID for a new item
     sidrec serve --bundle bundles/demo          /  sidrec index load --bundle ...
 """
 from __future__ import annotations
@@ -106,6 +107,15 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_assign(a: argparse.Namespace) -> int:
+    from training.new_items import assign_new_items
+
+    res = assign_new_items(a.bundle, a.text)
+    for text, sid, fits, near in zip(a.text, res.sids.tolist(), res.fits.tolist(), res.nearest_existing):
+        print(json.dumps({"text": text, "sid": sid, "fits_vocabulary": fits, "shares_prefix_with": near}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("serve", "index"):
@@ -136,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--epochs", type=int, default=12)
     d.add_argument("--force", action="store_true")
     d.set_defaults(fn=_cmd_demo)
+    n = sub.add_parser("assign-sids", help="SIDs for new items' text from a bundle's codebooks (no retraining)")
+    n.add_argument("--bundle", required=True)
+    n.add_argument("--text", action="append", required=True, help="one new item's text (repeatable)")
+    n.set_defaults(fn=_cmd_assign)
     sub.add_parser("serve", help="start the HTTP service (see `sidrec serve --help`)")
     sub.add_parser("index", help="manage the Redis inverse index (see `sidrec index --help`)")
     a = p.parse_args(argv)
