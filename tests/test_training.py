@@ -158,3 +158,33 @@ def test_new_item_gets_the_sid_of_its_text_without_retraining(trained_run):
     existing = {tuple(c) for c in sid_map.T.tolist()}
     assert not any(tuple(s) in existing for s in res.sids.tolist())
     assert res.nearest_existing[0] is not None
+
+
+@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
+def test_both_architectures_train_and_decode(arch):
+    """A few steps of either architecture lower the loss and its checkpoint decodes valid items."""
+    from kernels.trie import PrefixTrie
+    from model.beam_search import beam_search, encode_histories
+    from model.config import SIDLayout
+    from training.data import leave_one_out, sliding_windows
+    from training.train import WindowSet, train_model
+
+    torch.set_num_threads(1)
+    data = make_synthetic(120, 300, seed=5)
+    sp = leave_one_out(data)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 8, size=(3, data.num_items))
+    from kernels.trie import append_dedup_digit
+
+    sid, dcard = append_dedup_digit(torch.as_tensor(codes))
+    layout = SIDLayout((8, 8, 8, dcard))
+    cfg = TrainConfig(arch=arch, d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1,
+                      batch_size=64, epochs=2, warmup_steps=5, lr=3e-3, eval_users=50, dtype="float32")
+    res = train_model(cfg, layout, sid, WindowSet(*sliding_windows(sp.train, 20)), sp.valid_history,
+                      np.asarray(sp.valid_target), progress=False, log=lambda s: None)
+    assert res.history[1]["train_loss"] < res.history[0]["train_loss"]
+    trie = PrefixTrie.build(sid, layout.cardinalities)
+    src, mask = encode_histories([list(h) for h in sp.test_history[:4]], sid, res.model.offsets, 20)
+    out = beam_search(res.model, trie, src, mask, 16, 5)
+    assert (out.items >= 0).all() and (out.n_valid == 5).all()
+    assert torch.equal(trie.lookup(out.sids.reshape(-1, 4)).reshape(4, 5), out.items)
