@@ -24,6 +24,36 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Throughput and p50/p95/p99 latency per second of the run (locust's aggregated history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = [r for r in history if r.get("Name") == "Aggregated" and r.get("50%") not in ("", "N/A", None)]
+    t0 = int(agg[0]["Timestamp"]) if agg else 0
+    t = [int(r["Timestamp"]) - t0 for r in agg]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    a1.plot(t, [float(r["Requests/s"]) for r in agg])
+    a1.set_ylabel("requests/s")
+    for q in ("50%", "95%", "99%"):
+        a2.plot(t, [float(r[q]) for r in agg], label=f"p{q[:-1]}")
+    a2.set_ylabel("latency (ms)")
+    a2.set_xlabel("seconds into the run")
+    a2.legend()
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+    fig.suptitle("sidrec load run: latency over time")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="http://127.0.0.1:8000")
@@ -34,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=5000)
     ap.add_argument("--beam-width", type=int, default=100)
     ap.add_argument("--top-n", type=int, default=10)
+    ap.add_argument("--plot", default="loadtests/latency_over_time.png",
+                    help="PNG of throughput and latency percentiles over the run ('' to skip)")
     a = ap.parse_args(argv)
     if urlparse(a.host).hostname not in LOOPBACK:
         print(f"run_load: refusing non-loopback host {a.host!r}", file=sys.stderr)
@@ -53,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                "--csv", prefix, "--only-summary", "--stop-timeout", "5", "--loglevel", "WARNING"]
         proc = subprocess.run(cmd, env=env, timeout=run_time + 60)
         rows = list(csv.DictReader(open(f"{prefix}_stats.csv")))
+        history = list(csv.DictReader(open(f"{prefix}_stats_history.csv"))) if a.plot else []
+    if a.plot and history:
+        print(f"latency plot: {plot_history(history, Path(a.plot))}")
     out = {}
     print(f"{'endpoint':28s} {'requests':>9s} {'fails':>6s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
     for r in rows:
