@@ -189,7 +189,9 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
                 tmp = out / "history.json.tmp"
                 tmp.write_text(json.dumps(result.history, indent=1))
                 os.replace(tmp, out / "history.json")
-            over_time = cfg.time_budget_min is not None and (time.time() - t0) / 60 >= cfg.time_budget_min
+            # Stop when another epoch like the last one would overrun the budget.
+            spent = (time.time() - t0) / 60
+            over_time = cfg.time_budget_min is not None and spent + (time.time() - t_ep) / 60 > cfg.time_budget_min
             stop = bad_epochs >= cfg.patience or over_time
             if over_time:
                 log(f"time budget of {cfg.time_budget_min} min reached after epoch {epoch + 1}")
