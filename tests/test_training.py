@@ -188,3 +188,23 @@ def test_both_architectures_train_and_decode(arch):
     out = beam_search(res.model, trie, src, mask, 16, 5)
     assert (out.items >= 0).all() and (out.n_valid == 5).all()
     assert torch.equal(trie.lookup(out.sids.reshape(-1, 4)).reshape(4, 5), out.items)
+
+
+@pytest.mark.slow
+def test_refit_on_train_plus_valid_resumes_from_its_own_checkpoint(tmp_path):
+    data = make_synthetic(120, 300, seed=9)
+    cfg = demo_config(epochs=1)
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "refit_epochs": 1}})
+    logs: list[str] = []
+    run_pipeline(None, tmp_path, cfg, until="train", data=data, log=logs.append)
+    assert any("refit for 1 epoch" in l for l in logs)
+    assert (tmp_path / "checkpoints" / "refit.safetensors").is_file()
+    stamp = json.loads((tmp_path / "stages" / "train.json").read_text())
+    assert stamp["refit_epochs"] == 1
+    logs.clear()
+    run = run_pipeline(None, tmp_path, cfg, until="train", data=data, log=logs.append)
+    from safetensors.torch import load_file
+
+    refit = load_file(str(tmp_path / "checkpoints" / "refit.safetensors"))
+    assert all(torch.equal(refit[k], v) for k, v in run.model.state_dict().items())
+    assert not any("refit" in l for l in logs), "a fresh train stage must not refit again"

@@ -51,6 +51,10 @@ class TrainConfig:
     dtype: str = "bfloat16"  # autocast dtype on CPU/GPU; bf16 matmuls are ~3x fp32 on AVX-512 BF16
     eval_users: int = 3000  # validation users sampled per epoch for early stopping (all at the end)
     eval_beam: int = 20  # beam width for Recall/NDCG@{5,10}
+    # After early stopping, this many more epochs on train + validation windows (every seq[:-1])
+    # at the floor learning rate, so the final model has also seen each user's validation item,
+    # which is the most recent item of every test history. 0 keeps the strict train-only model.
+    refit_epochs: int = 0
     label_smoothing: float = 0.0
     seed: int = 0
     num_threads: int | None = None

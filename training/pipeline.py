@@ -158,7 +158,7 @@ def _load_sids(run: Run, path: Path) -> None:
 
 def stage_train(run: Run) -> None:
     from training.data import sliding_windows
-    from training.train import WindowSet, build_model, train_model
+    from training.train import WindowSet, build_model, save_weights, train_model
 
     if run.sid_map is None:
         stage_sids(run)
@@ -166,9 +166,10 @@ def stage_train(run: Run) -> None:
     fp = fingerprint(run.fps["sids"], run.fps["data"], c)
     run.fps["train"] = fp
     ckpt_dir = run.out / "checkpoints"
-    if run.is_fresh("train", fp) and (ckpt_dir / "best.safetensors").is_file():
+    final_ckpt = ckpt_dir / ("refit.safetensors" if c.refit_epochs > 0 else "best.safetensors")
+    if run.is_fresh("train", fp) and final_ckpt.is_file():
         run.model = build_model(c, run.layout)
-        run.model.load_state_dict(load_file(str(ckpt_dir / "best.safetensors")))
+        run.model.load_state_dict(load_file(str(final_ckpt)))
         run.model.eval()
         return
     hist, length, target = sliding_windows(run.split.train, c.max_history)
@@ -176,6 +177,19 @@ def stage_train(run: Run) -> None:
     res = train_model(c, run.layout, run.sid_map, WindowSet(hist, length, target),
                       run.split.valid_history, np.asarray(run.split.valid_target), out_dir=ckpt_dir, log=run.log)
     run.model = res.model
+    refit_minutes = 0.0
+    if c.refit_epochs > 0:
+        import dataclasses
+
+        rc = dataclasses.replace(c, lr=c.lr * c.min_lr_ratio, min_lr_ratio=1.0, warmup_steps=1,
+                                 epochs=c.refit_epochs, time_budget_min=None, eval_users=0)
+        hist2, len2, tgt2 = sliding_windows(run.split.test_history, c.max_history)  # every seq[:-1]
+        run.log(f"train: refit for {c.refit_epochs} epoch(s) on {len(tgt2)} train + validation windows")
+        ref = train_model(rc, run.layout, run.sid_map, WindowSet(hist2, len2, tgt2), [], np.zeros(0, np.int64),
+                          log=run.log, init_state=res.model.state_dict())
+        run.model, refit_minutes = ref.model, ref.train_seconds / 60
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_weights(run.model, ckpt_dir / "refit.safetensors")
     if int(os.environ.get("RANK", "0")) != 0:
         return
     from training.report import plot_learning_curves
@@ -183,7 +197,8 @@ def stage_train(run: Run) -> None:
     (run.out / "report").mkdir(parents=True, exist_ok=True)
     plot_learning_curves(res.history, run.out / "report" / "learning_curves.png")
     run.stamp("train", fp, best_epoch=res.best_epoch, best_valid_recall10=res.best_valid,
-              train_minutes=round(res.train_seconds / 60, 2), samples_per_second=round(res.samples_per_second, 1),
+              train_minutes=round(res.train_seconds / 60 + refit_minutes, 2), refit_epochs=c.refit_epochs,
+              samples_per_second=round(res.samples_per_second, 1),
               epochs_run=len(res.history))
 
 

@@ -88,7 +88,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_weights(model: SIDTransformer, path: Path) -> None:
+def save_weights(model: SIDTransformer, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
@@ -106,15 +106,22 @@ class TrainResult:
 
 def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, windows: WindowSet,
                 valid_histories: list[np.ndarray], valid_targets: np.ndarray, out_dir: str | Path | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    """Train from sliding windows; keep the weights with the best validation Recall@10."""
+                progress: bool = True, log: Callable[[str], None] = print,
+                init_state: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train from sliding windows; keep the weights with the best validation Recall@10.
+
+    With no validation users every epoch counts as the best (used by the refit on train + valid).
+    `init_state` starts from given weights instead of a fresh initialisation."""
     ctx = dist_utils.setup(cfg.device)
     device = ctx.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg, layout).to(device)
+    model = build_model(cfg, layout)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device)
     ddp_model = dist_utils.wrap(model, ctx)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
     table = token_table(sid_map, model.offsets)
@@ -172,20 +179,21 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
                  "elapsed_minutes": (time.time() - t0) / 60, "lr": lr_at(step, total_steps, cfg)}
         stop = False
         if ctx.is_main:
-            m = evaluate(model, trie, sid_cpu, [valid_histories[i] for i in eval_idx], valid_targets[eval_idx],
-                         beam=cfg.eval_beam, dtype=dtype)
-            entry.update({f"valid_{k}": v for k, v in m.items() if k != "users"})
+            m = (evaluate(model, trie, sid_cpu, [valid_histories[i] for i in eval_idx], valid_targets[eval_idx],
+                          beam=cfg.eval_beam, dtype=dtype) if n_eval else {"recall@10": float(epoch)})
+            if n_eval:
+                entry.update({f"valid_{k}": v for k, v in m.items() if k != "users"})
             result.history.append(entry)
             log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in entry.items()}))
             if m["recall@10"] > result.best_valid:
                 result.best_valid, result.best_epoch, bad_epochs = m["recall@10"], epoch + 1, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if out:
-                    _save_weights(model, out / "best.safetensors")
+                    save_weights(model, out / "best.safetensors")
             else:
                 bad_epochs += 1
             if out:
-                _save_weights(model, out / "last.safetensors")
+                save_weights(model, out / "last.safetensors")
                 tmp = out / "history.json.tmp"
                 tmp.write_text(json.dumps(result.history, indent=1))
                 os.replace(tmp, out / "history.json")
