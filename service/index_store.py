@@ -176,14 +176,7 @@ def drop_version(client, namespace: str, version: str, force: bool = False, batc
     if _decode(client.get(k["current"])) == version and not force:
         raise IndexStoreError(f"version {version} is the current one in namespace '{namespace}'; "
                               "activate another first or pass --force")
-    n, pending = 0, []
-    for key in client.scan_iter(match=k["pattern"], count=batch):
-        pending.append(key)
-        if len(pending) >= batch:
-            n += client.unlink(*pending)
-            pending = []
-    if pending:
-        n += client.unlink(*pending)
+    n = _unlink_matching(client, k["pattern"], batch)
     client.srem(k["versions"], version)
     for pointer in ("current", "previous"):
         if _decode(client.get(k[pointer])) == version:
@@ -193,8 +186,13 @@ def drop_version(client, namespace: str, version: str, force: bool = False, batc
 
 def drop_namespace(client, namespace: str, batch: int = 1000) -> int:
     """Delete every key under `{namespace}:` (tests and benchmarks clean up with this)."""
+    return _unlink_matching(client, f"{namespace}:*", batch)
+
+
+def _unlink_matching(client, pattern: str, batch: int) -> int:
+    """UNLINK every key matching `pattern`, `batch` keys per call (SCAN, never KEYS)."""
     n, pending = 0, []
-    for key in client.scan_iter(match=f"{namespace}:*", count=batch):
+    for key in client.scan_iter(match=pattern, count=batch):
         pending.append(key)
         if len(pending) >= batch:
             n += client.unlink(*pending)
