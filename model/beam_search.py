@@ -70,6 +70,7 @@ def encode_histories(histories: Sequence[Sequence[int]], sid_map: Tensor, offset
 def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
                 beam_width: int | Sequence[int], top_n: int,
                 exclude_items: Tensor | None = None, item_mask: Tensor | None = None,
+                leaf_mask: Tensor | None = None,
                 beam_step: Callable[..., StepOutput] = beam_step_reference,
                 cache_dtype: torch.dtype | None = None) -> BeamResult:
     """Top-`top_n` valid items for each history by beam search over the SID levels.
@@ -78,6 +79,8 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
     (each request keeps its own width; the batch runs at the largest). top_n <= every width.
     exclude_items: (B, E) internal item indices never returned (e.g. the history), -1 padding.
     item_mask: (N,) bool over internal items, True = never returned (deleted, out of stock).
+    leaf_mask: the same mask already in the trie's leaf order (what a long-lived caller keeps);
+    it takes the place of item_mask and saves the per-call gather over the catalogue.
     Returns `BeamResult`; a request with fewer than top_n reachable items gets -1/-inf fill.
     """
     B = src.shape[0]
@@ -96,7 +99,8 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
     if exclude_items is not None and exclude_items.numel():
         ex = exclude_items.to(device=device, dtype=torch.int64)
         exclude_leaves = torch.where(ex >= 0, trie.item_leaf.long()[ex.clamp(min=0)], torch.full_like(ex, -1))
-    leaf_mask = None if item_mask is None else item_mask.to(device)[trie.leaf_item.long()]
+    if leaf_mask is None and item_mask is not None:
+        leaf_mask = item_mask.to(device)[trie.leaf_item.long()]
 
     prefix = model.prefill(src, src_mask)
     src_len = src_mask.sum(1)

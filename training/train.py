@@ -179,14 +179,16 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
                  "elapsed_minutes": (time.time() - t0) / 60, "lr": lr_at(step, total_steps, cfg)}
         stop = False
         if ctx.is_main:
-            m = (evaluate(model, trie, sid_cpu, [valid_histories[i] for i in eval_idx], valid_targets[eval_idx],
-                          beam=cfg.eval_beam, dtype=dtype) if n_eval else {"recall@10": float(epoch)})
+            score = -1.0  # with no validation users the latest epoch is the best one
             if n_eval:
+                m = evaluate(model, trie, sid_cpu, [valid_histories[i] for i in eval_idx], valid_targets[eval_idx],
+                             beam=cfg.eval_beam, dtype=dtype)
                 entry.update({f"valid_{k}": v for k, v in m.items() if k != "users"})
+                score = m["recall@10"]
             result.history.append(entry)
             log(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in entry.items()}))
-            if m["recall@10"] > result.best_valid:
-                result.best_valid, result.best_epoch, bad_epochs = m["recall@10"], epoch + 1, 0
+            if score > result.best_valid or not n_eval:
+                result.best_valid, result.best_epoch, bad_epochs = score, epoch + 1, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if out:
                     save_weights(model, out / "best.safetensors")
