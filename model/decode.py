@@ -145,6 +145,18 @@ def enable_compiled_decode(model, enabled: bool = True) -> None:
         model.__dict__.pop("_decode_own_attention", None)
 
 
+def _qkv(w: LayerWeights, x: Tensor, h: int, dh: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Pre-norm fused q/k/v projection of x (B, K, D) -> q, k, v (B, K, H, dh) in the compute dtype."""
+    a = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(w.qkv.dtype), w.qkv)  # (B, K, 3I)
+    return tuple(t.unflatten(-1, (h, dh)) for t in a.split(h * dh, -1))
+
+
+def _ffn(w: LayerWeights, x: Tensor, eps: float) -> Tensor:
+    """Pre-norm GELU feed-forward with its residual: x (B, K, D) fp32 -> x + FF(x)."""
+    u = F.gelu(F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(w.up.dtype), w.up))  # (B, K, F)
+    return x + F.linear(u, w.down)
+
+
 def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
                   ck: Tensor, cv: Tensor, step: int, h: int, dh: int, eps: float, write: bool,
                   own=own_attention) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,8 +164,7 @@ def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tens
     B, K, _ = x.shape
     I = h * dh
     dt = w.qkv.dtype
-    a = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.qkv)  # (B, K, 3I)
-    q, k, v = (t.unflatten(-1, (h, dh)) for t in a.split(I, -1))  # (B, K, H, dh) each
+    q, k, v = _qkv(w, x, h, dh, eps)  # (B, K, H, dh) each
     if write:
         keys, vals = _own_cache(k, v, ck, cv, step, write)  # (B, K, H, t, dh), this step written
         o = v if step == 0 else own(q, keys, vals)  # one position: the softmax is 1, the output is v
@@ -168,8 +179,7 @@ def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tens
         s = torch.matmul(q, pk.transpose(-1, -2) * (dh ** -0.5)).float() + mask  # (B, H, K, T)
         o = torch.matmul(torch.softmax(s, -1).to(dt), pv)
     x = x + F.linear(o.transpose(1, 2).reshape(B, K, I), w.co)
-    u = F.gelu(F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.up))  # (B, K, F)
-    return x + F.linear(u, w.down), k, v
+    return _ffn(w, x, eps), k, v
 
 
 def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
@@ -179,8 +189,7 @@ def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Ten
     B, K, _ = x.shape
     I = h * dh
     dt = w.qkv.dtype
-    a = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.qkv)  # (B, K, 3I)
-    q, k, v = (t.unflatten(-1, (h, dh)) for t in a.split(I, -1))  # (B, K, H, dh)
+    q, k, v = _qkv(w, x, h, dh, eps)  # (B, K, H, dh) each
     keys, vals = _own_cache(k, v, ck, cv, step, write)  # (B, K, H, t, dh)
     T = pk.shape[2]
     s_pre = torch.matmul(q.transpose(1, 2), pk.transpose(-1, -2)).float() + mask  # (B, H, K, T)
@@ -190,8 +199,7 @@ def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Ten
     p_own = p[..., T:].transpose(1, 2).to(vals.dtype)  # (B, K, H, t)
     o = o + (p_own[..., None] * vals).sum(-2).to(dt)
     x = x + F.linear(o.reshape(B, K, I).to(dt), w.o)
-    u = F.gelu(F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.up))
-    return x + F.linear(u, w.down), k, v
+    return _ffn(w, x, eps), k, v
 
 
 def decoder_layers(cfg, w: DecodeWeights, x: Tensor, pks: list[Tensor], pvs: list[Tensor], mask: Tensor,
