@@ -54,6 +54,7 @@ def main() -> None:
            "ndcg@10": m["ndcg@10"], "recall@100": m.get("recall@100"), "recall@1000": m.get("recall@1000"),
            "popularity_recall@10": pop["recall@10"], "train_minutes": m.get("train_minutes"),
            "best_epoch": m.get("best_epoch"), "users": m.get("users"), "device": m.get("device"),
+           "arch": cfg.train.arch, "fit_on": cfg.train.fit_on, "refit_epochs": cfg.train.refit_epochs,
            "wall_minutes": round((time.time() - t0) / 60, 1)}
     print(json.dumps(out))
 

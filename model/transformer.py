@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, inner, bias=False)
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
-        self.p_drop = cfg.dropout
+        self.p_drop = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
 
     def split(self, x: Tensor) -> Tensor:  # (B, T, H*dh) -> (B, H, T, dh)
         return x.unflatten(-1, (self.h, self.dh)).transpose(1, 2)
@@ -209,8 +209,14 @@ class SIDTransformer(nn.Module):
             x = layer(x, mask)
         return self.enc_norm(x)
 
-    def forward(self, src: Tensor, src_mask: Tensor, tgt_codes: Tensor) -> list[Tensor]:
-        """Teacher-forced training pass. tgt_codes (B, L) -> per-level logits [(B, C_l)]."""
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_codes: Tensor, *, packed: tuple[Tensor, Tensor] | None = None
+                ) -> list[Tensor]:
+        """Teacher-forced training pass. tgt_codes (B, L) -> per-level logits [(B, C_l)].
+
+        With `packed=(pos, branch)`, src/src_mask are a packed batch's tokens and additive mask
+        and the call is `forward_packed` (routed through here so that DDP sees it)."""
+        if packed is not None:
+            return self.forward_packed(src, packed[0], src_mask, packed[1])
         if self.cfg.arch == "decoder_only":
             return self._forward_decoder_only(src, src_mask, tgt_codes)
         mem = self.encode(src, src_mask)
@@ -244,6 +250,18 @@ class SIDTransformer(nn.Module):
         for layer in self.decoder:
             x = layer(x, mask)
         h = self.dec_norm(x[:, T:])  # (B, L, D)
+        return [self.level_logits(h[:, l], l) for l in range(self.L)]
+
+    def forward_packed(self, tokens: Tensor, pos: Tensor, mask: Tensor, branch: Tensor) -> list[Tensor]:
+        """Decoder-only training over packed samples (see `training.packing`): tokens/pos (B, S),
+        additive mask (B, 1, S, S), branch (T, L) indices of each target's BOS..c_{L-2} tokens in
+        the flattened stream. -> per-level logits [(T, C_l)], as `forward` gives per window."""
+        if self.cfg.arch != "decoder_only":
+            raise ValueError("packed training needs arch='decoder_only'")
+        x = self.drop(self.tok_emb(tokens) + self.pos(pos))
+        for layer in self.decoder:
+            x = layer(x, mask.to(x.dtype))
+        h = self.dec_norm(x.flatten(0, 1)[branch])  # (T, L, D)
         return [self.level_logits(h[:, l], l) for l in range(self.L)]
 
     # ---- cached decoding (used by beam search) ---------------------------------------------

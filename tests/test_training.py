@@ -208,3 +208,25 @@ def test_refit_on_train_plus_valid_resumes_from_its_own_checkpoint(tmp_path):
     refit = load_file(str(tmp_path / "checkpoints" / "refit.safetensors"))
     assert all(torch.equal(refit[k], v) for k, v in run.model.state_dict().items())
     assert not any("refit" in l for l in logs), "a fresh train stage must not refit again"
+
+
+def test_fit_on_train_plus_valid_trains_on_every_validation_target(tmp_path):
+    """fit_on=train+valid trains on seq[:-1] windows (one more target per user) with no
+    validation-based selection; the schedule runs to its end and the last epoch is kept."""
+    from training.data import leave_one_out, sliding_windows
+
+    data = make_synthetic(120, 300, seed=4)
+    cfg = demo_config(epochs=2)
+    d = cfg.to_dict()
+    cfg = type(cfg).from_dict({**d, "train": {**d["train"], "fit_on": "train+valid"}})
+    logs: list[str] = []
+    run_pipeline(None, tmp_path, cfg, until="train", data=data, log=logs.append)
+    sp = leave_one_out(data)
+    n_valid_fit = len(sliding_windows(sp.test_history, cfg.train.max_history)[2])
+    assert n_valid_fit == len(sliding_windows(sp.train, cfg.train.max_history)[2]) + data.num_users
+    assert any(f"train: {n_valid_fit} training targets" in l and "train+valid" in l for l in logs)
+    stamp = json.loads((tmp_path / "stages" / "train.json").read_text())
+    assert stamp["best_epoch"] == stamp["epochs_run"] == 2
+    assert not any("valid_recall@10" in l for l in logs)
+    with pytest.raises(ValueError, match="refit_epochs"):
+        TrainConfig(fit_on="train+valid", refit_epochs=1)

@@ -39,7 +39,12 @@ class TrainConfig:
     n_enc_layers: int = 4
     n_dec_layers: int = 4
     dropout: float = 0.1
+    attn_dropout: float | None = None  # None = dropout (see model.config.ModelConfig)
     max_history: int = 20  # TIGER/GRID keep the last 20 items
+    # "windows": one sample per (history -> target) window. "packed" (decoder-only): all targets
+    # of a user in one causal pass over the history (training.packing), the same loss for ~3x
+    # fewer tokens on Beauty.
+    objective: str = "windows"
     batch_size: int = 256  # ~500 optimiser steps per Beauty epoch; larger batches hurt early recall
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # cosine decay floor, as a fraction of lr
@@ -48,20 +53,42 @@ class TrainConfig:
     epochs: int = 30
     time_budget_min: float | None = None  # stop (and keep the best checkpoint) after this long
     patience: int = 4  # epochs without a validation Recall@10 gain before early stopping
-    dtype: str = "bfloat16"  # autocast dtype on CPU/GPU; bf16 matmuls are ~3x fp32 on AVX-512 BF16
+    # Autocast dtype: "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX,
+    # where bf16 matmuls are ~3x fp32), fp32 on other CPUs (where bf16 is emulated and ~2x slower).
+    dtype: str = "auto"
     eval_users: int = 3000  # validation users sampled per epoch for early stopping (all at the end)
     eval_beam: int = 20  # beam width for Recall/NDCG@{5,10}
     # After early stopping, this many more epochs on train + validation windows (every seq[:-1])
     # at the floor learning rate, so the final model has also seen each user's validation item,
     # which is the most recent item of every test history. 0 keeps the strict train-only model.
     refit_epochs: int = 0
+    # "train": fit on every seq[:-2] window, early-stop on validation Recall@10 (the strict
+    # protocol). "train+valid": fit on every seq[:-1] window (each user's validation item is a
+    # target too) for the whole schedule, with no validation-based selection; the test item is
+    # never seen either way. Test histories end with the validation item, the most recent
+    # interaction, so seeing it as a target during the whole schedule (not just a refit)
+    # is what closes most of the validation/test gap.
+    fit_on: str = "train"
     label_smoothing: float = 0.0
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"train.dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.fit_on not in ("train", "train+valid"):
+            raise ValueError(f"train.fit_on must be 'train' or 'train+valid', got {self.fit_on!r}")
+        if self.fit_on == "train+valid" and self.refit_epochs:
+            raise ValueError("train.refit_epochs refits on train + valid; with fit_on=train+valid it must be 0")
+        if self.objective not in ("windows", "packed"):
+            raise ValueError(f"train.objective must be 'windows' or 'packed', got {self.objective!r}")
+        if self.objective == "packed" and self.arch != "decoder_only":
+            raise ValueError("train.objective=packed needs train.arch=decoder_only")
+
     def model_kwargs(self) -> dict[str, Any]:
-        keys = ("arch", "d_model", "n_heads", "d_head", "d_ff", "n_enc_layers", "n_dec_layers", "dropout", "max_history")
+        keys = ("arch", "d_model", "n_heads", "d_head", "d_ff", "n_enc_layers", "n_dec_layers", "dropout",
+                "attn_dropout", "max_history")
         return {k: getattr(self, k) for k in keys}
 
 

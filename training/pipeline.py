@@ -158,6 +158,7 @@ def _load_sids(run: Run, path: Path) -> None:
 
 def stage_train(run: Run) -> None:
     from training.data import sliding_windows
+    from training.packing import PackedSet
     from training.train import WindowSet, build_model, save_weights, train_model
 
     if run.sid_map is None:
@@ -172,10 +173,20 @@ def stage_train(run: Run) -> None:
         run.model.load_state_dict(load_file(str(final_ckpt)))
         run.model.eval()
         return
-    hist, length, target = sliding_windows(run.split.train, c.max_history)
-    run.log(f"train: {len(target)} sliding-window samples, arch {c.arch}, dtype {c.dtype}")
-    res = train_model(c, run.layout, run.sid_map, WindowSet(hist, length, target),
-                      run.split.valid_history, np.asarray(run.split.valid_target), out_dir=ckpt_dir, log=run.log)
+    def samples(seqs: list[np.ndarray]) -> WindowSet | PackedSet:
+        if c.objective == "packed":
+            return PackedSet.from_sequences(seqs, c.max_history)
+        return WindowSet(*sliding_windows(seqs, c.max_history))
+
+    if c.fit_on == "train+valid":
+        # Every seq[:-1]: the validation targets are trained on, so there is no validation set
+        # to stop on; the schedule is the time budget's (or `epochs`), and the last epoch is kept.
+        data, valid_h, valid_t = samples(run.split.test_history), [], np.zeros(0, np.int64)
+    else:
+        data, valid_h, valid_t = samples(run.split.train), run.split.valid_history, np.asarray(run.split.valid_target)
+    run.log(f"train: {len(data)} training targets ({c.objective}, fit on {c.fit_on}), arch {c.arch}, "
+            f"dtype {c.dtype}")
+    res = train_model(c, run.layout, run.sid_map, data, valid_h, valid_t, out_dir=ckpt_dir, log=run.log)
     run.model = res.model
     refit_minutes = 0.0
     if c.refit_epochs > 0:
@@ -183,9 +194,9 @@ def stage_train(run: Run) -> None:
 
         rc = dataclasses.replace(c, lr=c.lr * c.min_lr_ratio, min_lr_ratio=1.0, warmup_steps=1,
                                  epochs=c.refit_epochs, time_budget_min=None, eval_users=0)
-        hist2, len2, tgt2 = sliding_windows(run.split.test_history, c.max_history)  # every seq[:-1]
-        run.log(f"train: refit for {c.refit_epochs} epoch(s) on {len(tgt2)} train + validation windows")
-        ref = train_model(rc, run.layout, run.sid_map, WindowSet(hist2, len2, tgt2), [], np.zeros(0, np.int64),
+        data2 = samples(run.split.test_history)  # every seq[:-1]
+        run.log(f"train: refit for {c.refit_epochs} epoch(s) on {len(data2)} train + validation targets")
+        ref = train_model(rc, run.layout, run.sid_map, data2, [], np.zeros(0, np.int64),
                           log=run.log, init_state=res.model.state_dict())
         run.model, refit_minutes = ref.model, ref.train_seconds / 60
         if int(os.environ.get("RANK", "0")) == 0:
@@ -204,6 +215,7 @@ def stage_train(run: Run) -> None:
 
 def stage_evaluate(run: Run) -> dict:
     from training.evaluate import evaluate, popularity_metrics
+    from training.train import autocast_dtype
 
     if run.model is None:
         stage_train(run)
@@ -215,7 +227,7 @@ def stage_evaluate(run: Run) -> dict:
         return json.loads(path.read_text())
     sp = run.split
     trie = PrefixTrie.build(run.sid_map, run.layout.cardinalities)
-    dtype = torch.bfloat16 if run.cfg.train.dtype == "bfloat16" else torch.float32
+    dtype = autocast_dtype(run.cfg.train.dtype, torch.device(run.cfg.train.device))
     t = time.time()
     test = evaluate(run.model, trie, run.sid_map, sp.test_history, np.asarray(sp.test_target), beam=ce.beam,
                     wide_beams=ce.wide_beams, wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype,

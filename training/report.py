@@ -24,8 +24,13 @@ def plot_learning_curves(history: list[dict], path: str | Path) -> Path:
         if history and key in history[0]:
             a2.plot(ep, [h[key] for h in history], marker="o", label=label)
     a2.set_xlabel("epoch")
-    a2.set_title("validation (sampled users)")
-    a2.legend()
+    if a2.lines:
+        a2.set_title("validation (sampled users)")
+        a2.legend()
+    else:  # fit on train + valid: no held-out validation set to plot
+        a2.set_title("no validation set (trained on train + valid)")
+        a2.plot(ep, [h["lr"] for h in history], marker="o", color="gray")
+        a2.set_ylabel("learning rate at epoch end")
     a2.grid(alpha=0.3)
     a1.grid(alpha=0.3)
     fig.tight_layout()
