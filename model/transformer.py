@@ -41,7 +41,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        p = cfg.dropout if cfg.ff_dropout is None else cfg.ff_dropout
+        self.drop = nn.Dropout(p) if p > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.drop(F.gelu(self.up(x))))

@@ -160,8 +160,9 @@ def test_new_item_gets_the_sid_of_its_text_without_retraining(trained_run):
     assert res.nearest_existing[0] is not None
 
 
-@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-def test_both_architectures_train_and_decode(arch):
+@pytest.mark.parametrize("arch,objective", [("encoder_decoder", "windows"), ("decoder_only", "windows"),
+                                            ("decoder_only", "packed")])
+def test_both_architectures_train_and_decode(arch, objective):
     """A few steps of either architecture lower the loss and its checkpoint decodes valid items."""
     from kernels.trie import PrefixTrie
     from model.beam_search import beam_search, encode_histories
@@ -179,8 +180,12 @@ def test_both_architectures_train_and_decode(arch):
     sid, dcard = append_dedup_digit(torch.as_tensor(codes))
     layout = SIDLayout((8, 8, 8, dcard))
     cfg = TrainConfig(arch=arch, d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1,
-                      batch_size=64, epochs=2, warmup_steps=5, lr=3e-3, eval_users=50, dtype="float32")
-    res = train_model(cfg, layout, sid, WindowSet(*sliding_windows(sp.train, 20)), sp.valid_history,
+                      batch_size=64, epochs=2, warmup_steps=5, lr=3e-3, eval_users=50, dtype="float32",
+                      objective=objective)
+    from training.packing import PackedSet
+
+    data = PackedSet.from_sequences(sp.train, 20) if objective == "packed" else WindowSet(*sliding_windows(sp.train, 20))
+    res = train_model(cfg, layout, sid, data, sp.valid_history,
                       np.asarray(sp.valid_target), progress=False, log=lambda s: None)
     assert res.history[1]["train_loss"] < res.history[0]["train_loss"]
     trie = PrefixTrie.build(sid, layout.cardinalities)
@@ -230,3 +235,16 @@ def test_fit_on_train_plus_valid_trains_on_every_validation_target(tmp_path):
     assert not any("valid_recall@10" in l for l in logs)
     with pytest.raises(ValueError, match="refit_epochs"):
         TrainConfig(fit_on="train+valid", refit_epochs=1)
+
+
+def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
+    from training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    assert train_mod.autocast_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    assert train_mod.autocast_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert train_mod.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert train_mod.autocast_dtype("float32", torch.device("cuda")) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="fp16")

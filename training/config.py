@@ -40,6 +40,7 @@ class TrainConfig:
     n_dec_layers: int = 4
     dropout: float = 0.1
     attn_dropout: float | None = None  # None = dropout (see model.config.ModelConfig)
+    ff_dropout: float | None = None  # None = dropout (see model.config.ModelConfig)
     max_history: int = 20  # TIGER/GRID keep the last 20 items
     # "windows": one sample per (history -> target) window. "packed" (decoder-only): all targets
     # of a user in one causal pass over the history (training.packing), the same loss for ~3x
@@ -88,7 +89,7 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         keys = ("arch", "d_model", "n_heads", "d_head", "d_ff", "n_enc_layers", "n_dec_layers", "dropout",
-                "attn_dropout", "max_history")
+                "attn_dropout", "ff_dropout", "max_history")
         return {k: getattr(self, k) for k in keys}
 
 

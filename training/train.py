@@ -154,6 +154,13 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
     device = ctx.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if device.type == "cpu":
+        # Keep freed activation buffers in the process: by default glibc returns every block above
+        # a few MB to the OS and the next step page-faults it back in (~70k faults/s, a sixth of a
+        # Beauty training step spent in the kernel, measured).
+        from model.engine import tune_glibc_malloc
+
+        tune_glibc_malloc()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg, layout)
