@@ -76,6 +76,7 @@ class Job:
     enqueued: float
     deadline: float
     results: list[Any] = field(default_factory=list)
+    waiting: bool = True  # counted against max_queue_size (queued, not yet taken or abandoned)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.entries)
@@ -93,7 +94,11 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.timeout_s = request_timeout_s
         self.metrics = metrics
+        # Unbounded: admission is decided by `_waiting`, the number of queued jobs still wanted.
+        # A job abandoned in the queue (deadline passed, client gone) stops counting at once, so
+        # it cannot keep a slot and turn the next request away with a 429.
         self._queue: asyncio.Queue[Job] | None = None
+        self._waiting = 0
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,7 +117,8 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._queue = asyncio.Queue()
+        self._waiting = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidrec-engine")
         self._task = asyncio.create_task(self._collect(), name="sidrec-batcher")
 
@@ -149,20 +155,19 @@ class DynamicBatcher:
         return await self._submit("score", list(entries))
 
     def retry_after_s(self) -> int:
-        q = self._queue.qsize() if self._queue is not None else 0
-        return max(1, math.ceil(q * self._entry_s))
+        return max(1, math.ceil(self._waiting * self._entry_s))
 
     async def _submit(self, kind: str, entries: list[Any]) -> list[Any]:
         if self._queue is None or self._task is None:
             raise BatcherClosed("the batcher is not running")
         now = time.monotonic()
         job = Job(kind, entries, asyncio.get_running_loop().create_future(), now, now + self.timeout_s)
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if self._waiting >= self.max_queue_size:
             if self.metrics is not None:
                 self.metrics.rejected.labels("queue_full").inc()
-            raise QueueFull(self.retry_after_s()) from None
+            raise QueueFull(self.retry_after_s())
+        self._queue.put_nowait(job)
+        self._waiting += 1
         self._gap_s = 0.5 * self._gap_s + 0.5 * min(now - self._last_arrival, 1.0)
         self._last_arrival = now
         self._gauge()
@@ -170,16 +175,25 @@ class DynamicBatcher:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=self.timeout_s)
         except asyncio.TimeoutError:
             job.future.cancel()  # the worker skips it if not started yet
+            self._unqueue(job)
             if self.metrics is not None:
                 self.metrics.rejected.labels("deadline").inc()
             raise DeadlineExceeded(f"no answer within {self.timeout_s:g} s") from None
         except asyncio.CancelledError:
             job.future.cancel()  # client went away
+            self._unqueue(job)
             raise
 
+    def _unqueue(self, job: Job) -> None:
+        """The job no longer counts as queued (taken by the collector, or abandoned)."""
+        if job.waiting:
+            job.waiting = False
+            self._waiting -= 1
+            self._gauge()
+
     def _gauge(self) -> None:
-        if self.metrics is not None and self._queue is not None:
-            self.metrics.queue_depth.set(self._queue.qsize())
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._waiting)
 
     # --- collector (event loop) ---------------------------------------------------------------
 
@@ -188,6 +202,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             job = await self._queue.get()
+            self._unqueue(job)
             group, n = [job], len(job.entries)
             if self.batching:
                 # Waiting for company only pays when requests arrive closer together than the
@@ -204,8 +219,10 @@ class DynamicBatcher:
                             nxt = await asyncio.wait_for(self._queue.get(), wait)
                         except asyncio.TimeoutError:
                             break
-                    group.append(nxt)
-                    n += len(nxt.entries)
+                    self._unqueue(nxt)
+                    if not nxt.future.done():  # abandoned jobs take no room in the batch
+                        group.append(nxt)
+                        n += len(nxt.entries)
             self._gauge()
             live = [j for j in group if not j.future.done()]
             if not live:

@@ -124,3 +124,50 @@ def test_score_requests_batch_together(bundle_dir):
     for a, b in zip(together, alone):
         for x, y in zip(a.json()["scores"], b.json()["scores"]):
             assert abs(x["log_likelihood"] - y["log_likelihood"]) < 1e-4
+
+
+def test_abandoned_job_frees_its_queue_slot_at_once():
+    """A queued job whose deadline passed stops counting against max_queue_size right away, so
+    the next request is admitted (not 429) even before the collector reaches the dead job."""
+    import threading
+
+    from service.batcher import DeadlineExceeded, QueueFull
+
+    release = threading.Event()
+
+    class BlockedEngine:
+        def recommend(self, histories, beam_width, top_n, exclude=None):
+            return [([], [], []) for _ in histories]
+
+    async def scenario():
+        b = DynamicBatcher(BlockedEngine(), max_queue_size=1, max_queue_delay_ms=0.0, request_timeout_s=0.2)
+        b.start()
+        blocker = asyncio.ensure_future(b.run_exclusive(release.wait))
+        await asyncio.sleep(0.02)
+        entry = RecommendEntry([1], 4, 2)
+        first = asyncio.ensure_future(b.recommend([entry]))  # taken by the collector, waits on the engine
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(b.recommend([entry]))  # queued: the only slot
+        await asyncio.sleep(0.02)
+        try:
+            await b.recommend([entry])
+            full = False
+        except QueueFull:
+            full = True
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)  # both pass 0.2 s
+        late = asyncio.ensure_future(b.recommend([entry]))  # the dead job still sits in the queue
+        await asyncio.sleep(0.02)
+        admitted = not late.done()
+        release.set()
+        await blocker
+        try:
+            await late
+        except DeadlineExceeded:
+            pass
+        await b.stop()
+        return full, outcomes, admitted
+
+    full, outcomes, admitted = run(scenario())
+    assert full, "the third request must find the queue full"
+    assert all(isinstance(o, DeadlineExceeded) for o in outcomes)
+    assert admitted, "a request after the timeouts must be queued, not turned away"
