@@ -260,8 +260,9 @@ class SIDTransformer(nn.Module):
         if self.cfg.arch != "decoder_only":
             raise ValueError("packed training needs arch='decoder_only'")
         x = self.drop(self.tok_emb(tokens) + self.pos(pos))
+        mask = mask.to(x.dtype)
         for layer in self.decoder:
-            x = layer(x, mask.to(x.dtype))
+            x = layer(x, mask)
         h = self.dec_norm(x.flatten(0, 1)[branch])  # (T, L, D)
         return [self.level_logits(h[:, l], l) for l in range(self.L)]
 

@@ -67,8 +67,9 @@ class TrainConfig:
     # protocol). "train+valid": fit on every seq[:-1] window (each user's validation item is a
     # target too) for the whole schedule, with no validation-based selection; the test item is
     # never seen either way. Test histories end with the validation item, the most recent
-    # interaction, so seeing it as a target during the whole schedule (not just a refit)
-    # is what closes most of the validation/test gap.
+    # interaction, so it is seen as a target for the whole schedule, not just in a refit (on
+    # Beauty: test R@10 0.0608, against 0.0553 train-only and 0.0578 with a one-epoch refit, though
+    # with a different model and machine; see README).
     fit_on: str = "train"
     label_smoothing: float = 0.0
     seed: int = 0

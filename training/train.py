@@ -173,8 +173,6 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
     sid_cpu = sid_map.to(torch.int64).cpu()
     trie = PrefixTrie.build(sid_cpu, layout.cardinalities).to(device)
     dtype = autocast_dtype(cfg.dtype, device)
-    if isinstance(windows, PackedSet) and cfg.arch != "decoder_only":
-        raise ValueError("packed samples need train.arch=decoder_only (the encoder reads each history whole)")
     n_batches = math.ceil(len(windows) / cfg.batch_size)
     # Every rank must take the same number of steps or DDP's all-reduce would hang.
     steps_per_epoch = n_batches if ctx.world == 1 else max(1, n_batches // ctx.world)
