@@ -26,7 +26,7 @@ from model.config import SIDLayout  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import sliding_windows  # noqa: E402
 from training.packing import PackedSet  # noqa: E402
-from training.train import (WindowSet, autocast_dtype, batch_logits, build_model, collate, epoch_batches,  # noqa: E402
+from training.train import (WindowSet, autocast_dtype, batch_logits, build_model, collate,  # noqa: E402
                             make_batches, token_table)
 
 
@@ -65,7 +65,7 @@ def time_ours(cfg: TrainConfig, data: WindowSet | PackedSet, sid: torch.Tensor, 
     rng = np.random.default_rng(0)
     if padded:
         data = WindowSet(data.hist, np.full_like(data.length, data.hist.shape[1]), data.target)
-    batches = representative(epoch_batches(data, cfg, rng, lay.num_levels), data, steps + 2)
+    batches = representative(data.batches(cfg.batch_size, rng), data, steps + 2)
     dt = autocast_dtype(cfg.dtype, torch.device("cpu"))
     n, t = 0, 0.0
     for i, idx in enumerate(batches):

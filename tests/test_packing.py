@@ -41,7 +41,7 @@ def test_batches_cover_every_sample_once_with_a_fixed_count():
     ps = PackedSet.from_sequences([rng.integers(0, 50, size=n) for n in rng.integers(2, 30, 200)], 10)
     counts = set()
     for seed in range(3):
-        b = ps.batches(64, np.random.default_rng(seed), 3)
+        b = ps.batches(64, np.random.default_rng(seed))
         counts.add(len(b))
         assert sorted(np.concatenate(b).tolist()) == list(range(ps.num_samples))
     assert counts == {-(-len(ps) // 64)}

@@ -73,13 +73,13 @@ class PackedSet:
         return cls(cat(hist), np.concatenate([[0], np.cumsum(h_len, dtype=np.int64)]).astype(np.int64),
                    cat(tgt), cat(tpos), np.concatenate([[0], np.cumsum(t_len, dtype=np.int64)]).astype(np.int64))
 
-    def batches(self, batch_size: int, rng: np.random.Generator, L: int) -> list[np.ndarray]:
-        """Samples grouped by token length into ceil(targets / batch_size) batches of about
-        batch_size targets each, in random batch order. The count is fixed, so every DDP rank
-        and every epoch takes the same number of steps."""
+    def batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Samples grouped by length (history items + targets) into ceil(targets / batch_size)
+        batches of about batch_size targets each, in random batch order. The count is fixed, so
+        every DDP rank and every epoch takes the same number of steps."""
         n_t = np.diff(self.t_off)
-        tokens = L * (np.diff(self.h_off) + n_t)
-        order = np.lexsort((rng.random(len(tokens)), tokens))
+        size = np.diff(self.h_off) + n_t
+        order = np.lexsort((rng.random(len(size)), size))
         nb = max(1, -(-len(self) // batch_size))
         cum = np.cumsum(n_t[order])
         cuts = np.searchsorted(cum, np.arange(1, nb) * (cum[-1] / nb) if len(cum) else [])

@@ -43,6 +43,9 @@ class WindowSet:
     def __len__(self) -> int:
         return len(self.target)
 
+    def batches(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        return make_batches(self.length, batch_size, rng)
+
 
 def token_table(sid_map: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
     """(N + 1, L) token ids per item; row N (item -1) is all padding."""
@@ -69,13 +72,6 @@ def collate(ws: WindowSet, idx: np.ndarray, table: torch.Tensor, sid_map: torch.
     mask = src != PAD_ID
     tgt = sid_map[:, torch.from_numpy(ws.target[idx])].t().contiguous()  # (B, L)
     return src, mask, tgt
-
-
-def epoch_batches(data: WindowSet | PackedSet, cfg: TrainConfig, rng: np.random.Generator, L: int
-                  ) -> list[np.ndarray]:
-    if isinstance(data, PackedSet):
-        return data.batches(cfg.batch_size, rng, L)
-    return make_batches(data.length, cfg.batch_size, rng)
 
 
 def batch_logits(model: torch.nn.Module, data: WindowSet | PackedSet, idx: np.ndarray, table: torch.Tensor,
@@ -188,7 +184,7 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
     best_state = None
     for epoch in range(cfg.epochs):
         model.train()
-        batches = epoch_batches(windows, cfg, rng, layout.num_levels)[ctx.rank:: ctx.world]
+        batches = windows.batches(cfg.batch_size, rng)[ctx.rank:: ctx.world]
         batches = batches[:steps_per_epoch]
         loss_sum, n_sum, t_ep = 0.0, 0, time.time()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and ctx.is_main),
