@@ -74,9 +74,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int, batching: bool, threads: int) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, batching: bool, threads: int, dtype: str) -> subprocess.Popen:
     env = dict(os.environ, SIDREC_MAX_BEAM_WIDTH="256", SIDREC_DEFAULT_BEAM_WIDTH="100", SIDREC_MAX_BATCH_SIZE="32",
-               SIDREC_MAX_QUEUE_SIZE="512", SIDREC_LOG_LEVEL="warning", OMP_NUM_THREADS=str(threads))
+               SIDREC_MAX_QUEUE_SIZE="512", SIDREC_LOG_LEVEL="warning", OMP_NUM_THREADS=str(threads),
+               SIDREC_DTYPE=dtype)
     env.pop("SIDREC_REDIS_URL", None)
     cmd = [sys.executable, "-m", "service", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
            "--port", str(port), "--num-threads", str(threads)] + ([] if batching else ["--no-batching"])
@@ -185,14 +186,14 @@ def batch_stats(url: str) -> tuple[float, float]:
     return s, c
 
 
-def engine_alone(bundle: Path, threads: int, points: list[tuple[int, int]], hist_ids: list[list[str]],
-                 seconds: float) -> dict:
+def engine_alone(bundle: Path, threads: int, dtype: str, points: list[tuple[int, int]],
+                 hist_ids: list[list[str]], seconds: float) -> dict:
     import torch
 
     from model.engine import EngineOptions, RecommendEngine
 
     torch.set_num_threads(threads)
-    engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads))
+    engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads, dtype=dtype))
     hist = [engine.to_internal(h)[0] for h in hist_ids]
     out = {}
     for beam, b in points:
@@ -219,6 +220,8 @@ def main() -> None:
                     help="size of the synthetic bundle built when no BUNDLE is given")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the engine-alone run "
                     "(1: on a shared 2-core host, 2 OpenMP threads stall whenever one is descheduled)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="engine dtype of the servers and the engine-alone run (bfloat16 pays on CPUs with AMX)")
     ap.add_argument("--seconds", type=float, default=5.0, help="time cap per config and round")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the whole sweep (pooled)")
     ap.add_argument("--max-requests", type=int, default=96, help="request cap per config at 32 clients "
@@ -233,7 +236,7 @@ def main() -> None:
     try:
         for batching in (True, False):
             port = free_port()
-            servers[batching] = (start_server(bundle, port, batching, a.threads), f"http://127.0.0.1:{port}")
+            servers[batching] = (start_server(bundle, port, batching, a.threads, a.dtype), f"http://127.0.0.1:{port}")
         raw: dict[tuple, list] = {}
         batches: dict[tuple, list] = {}
         for rnd in range(a.rounds):
@@ -263,7 +266,7 @@ def main() -> None:
     by = {(r["batching"], r["beam"], r["concurrency"]): r for r in results}
     points = sorted({(beam, max(1, round(by[(True, beam, 32)]["mean_batch"] or 1))) for beam in BEAMS}
                     | {(beam, 1) for beam in BEAMS})
-    eng = engine_alone(bundle, a.threads, points, hist, min(a.seconds, 4.0))
+    eng = engine_alone(bundle, a.threads, a.dtype, points, hist, min(a.seconds, 4.0))
     for e in eng.values():
         print(f"engine alone beam={e['beam']:4d} batch={e['batch']:3d}  {e['ms_per_call']:8.1f} ms/call  rps={e['rps']:8.2f}")
     ratios = {}
@@ -278,7 +281,8 @@ def main() -> None:
         }
         print(f"beam {beam}: " + ", ".join(f"{k}={v}" for k, v in ratios[f'beam{beam}'].items()))
     targets = {"service32_over_engine": ">=0.8", "batching_on_over_off_at32": ">=2", "p99_at32_over_p50_at1": "<=4"}
-    print(json.dumps({"bench": "service", "bundle": str(bundle), "threads": a.threads, "rounds": a.rounds,
+    print(json.dumps({"bench": "service", "bundle": str(bundle), "threads": a.threads, "dtype": a.dtype,
+                      "rounds": a.rounds,
                       "configs": results,
                       "engine": list(eng.values()), "ratios": ratios, "targets": targets}))
 
