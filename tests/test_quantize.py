@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.quantize import RQResult, assign_codes, rq_kmeans, rq_vae
+from training.quantize import RQResult, assign_codes, rq_kmeans, rq_vae, spread_last_level
 from training.sids import add_dedup_digit, plot_codebook_usage, sid_report
 
 
@@ -131,3 +131,61 @@ def test_sid_report_and_plot(tmp_path):
     path = plot_codebook_usage(rng.integers(0, 16, size=(300, 3)), (16, 16, 16), tmp_path / "plots" / "usage.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["usage.png"]
+
+
+def _tuples(codes: np.ndarray) -> int:
+    return len(np.unique(codes, axis=0))
+
+
+def test_spread_last_level_gives_colliding_items_free_codes_of_their_prefix():
+    # Tight blobs with more items than level-1 codes: plain RQ codes collide a lot.
+    X, _ = _blobs(3, k=6, n=300, d=8, spread=0.05)
+    rq = rq_kmeans(X, levels=2, codebook_size=8, seed=3)
+    assert _tuples(rq.codes) < 300
+    spread, moved = spread_last_level(rq, X)
+    assert spread.codebooks is rq.codebooks and spread.method == rq.method
+    np.testing.assert_array_equal(spread.codes[:, 0], rq.codes[:, 0])  # only the last level changes
+    assert moved == int((spread.codes[:, 1] != rq.codes[:, 1]).sum()) > 0
+    for p in np.unique(rq.codes[:, 0]):
+        items = np.flatnonzero(rq.codes[:, 0] == p)
+        last = spread.codes[items, 1]
+        # A prefix of m items holds min(m, 8) distinct last codes: all unique where 8 codes allow.
+        assert len(np.unique(last)) == min(len(items), 8)
+    # The dedup digit is needed only for prefixes with more than 8 items.
+    over = sum(max(0, np.sum(rq.codes[:, 0] == p) - 8) for p in np.unique(rq.codes[:, 0]))
+    sid_map, card = add_dedup_digit(spread.codes)
+    assert int((sid_map[-1] > 0).sum()) == over
+
+
+def test_spread_last_level_moves_nothing_without_collisions_and_keeps_the_closest_item():
+    # Prefix 0 holds three items; two share last code 0. The one closer to code 0 keeps it, the
+    # other takes its own next-nearest free code (2, as code 1 is held by the third item).
+    C0 = np.zeros((1, 2), np.float32)
+    C1 = np.array([[0, 0], [10, 0], [0, 3]], np.float32)
+    X = np.array([[0.1, 0], [0.4, 0.8], [10, 0]], np.float32)
+    rq = RQResult(np.array([[0, 0], [0, 0], [0, 1]]), [C0, C1], "rq_kmeans")
+    spread, moved = spread_last_level(rq, X)
+    assert spread.codes[:, 1].tolist() == [0, 2, 1] and moved == 1
+    unique = RQResult(np.array([[0, 0], [0, 2], [0, 1]]), [C0, C1], "rq_kmeans")
+    again, moved = spread_last_level(unique, X)
+    assert moved == 0 and np.array_equal(again.codes, unique.codes)
+    with pytest.raises(ValueError, match="3 items"):
+        spread_last_level(rq, X[:2])
+
+
+def test_new_items_take_a_free_last_code_in_a_spread_catalogue():
+    from training.new_items import new_item_sids
+
+    C0 = np.zeros((1, 2), np.float32)
+    C1 = np.array([[0, 0], [10, 0], [0, 3]], np.float32)
+    existing = np.array([[0, 0], [0, 1], [0, 0]])  # (L=3, N=2): SIDs (0,0,0) and (0,1,0)
+    X = np.array([[0.1, 0], [0.1, 0], [10, 0.2]], np.float32)  # codes (0,0), (0,0), (0,1): all taken
+    sids, nearest = new_item_sids(X, [C0, C1], existing, spread=True)
+    # First: nearest free last code is 2. Second: no code of prefix 0 is free -> dedup digit 1.
+    # Third: code 1 is taken, 0 and 2 too by now -> dedup digit 1 of (0, 1).
+    assert sids.tolist() == [[0, 2, 0], [0, 0, 1], [0, 1, 1]]
+    assert nearest.tolist() == [0, 0, 1]
+    plain, _ = new_item_sids(X, [C0, C1], existing, spread=False)
+    assert plain.tolist() == [[0, 0, 1], [0, 0, 2], [0, 1, 1]]
+    fresh, none = new_item_sids(np.array([[0, 2.9]], np.float32), [C0, C1], existing, spread=True)
+    assert fresh.tolist() == [[0, 2, 0]] and none.tolist() == [-1]

@@ -97,6 +97,27 @@ def test_rerun_skips_fresh_stages_and_redoes_changed_ones(trained_run):
         json.loads(stamps["sids.json"])["fingerprint"]
 
 
+@pytest.mark.slow
+def test_spread_collisions_leaves_fewer_sids_needing_a_dedup_digit(trained_run, tmp_path):
+    import shutil
+
+    run, out, _ = trained_run
+    for name in ("embeddings.npy", "item_ids.json", "stages/data.json", "stages/embed.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(out / name, tmp_path / name)  # fresh embed stage: only the SIDs are recomputed
+    cfg = demo_config(epochs=8)
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "sid": {**cfg.to_dict()["sid"], "spread_collisions": True}})
+    spread = run_pipeline(None, tmp_path, cfg, until="sids", data=run.data, log=lambda _: None)
+    plain = json.loads((out / "report" / "sid_report.json").read_text())
+    rep = json.loads((tmp_path / "report" / "sid_report.json").read_text())
+    assert plain["collision_rate_before_dedup"] > 0.05  # 1,500 items on 16 x 16 x 16 codes collide
+    assert rep["spread_collisions"]["collision_rate_of_quantiser"] == plain["collision_rate_before_dedup"]
+    assert rep["spread_collisions"]["items_moved"] > 0
+    assert rep["collision_rate_before_dedup"] < plain["collision_rate_before_dedup"] / 4
+    assert torch.equal(spread.sid_map[:2], run.sid_map[:2].to(spread.sid_map.dtype))  # first levels kept
+    assert len({tuple(c) for c in spread.sid_map.T.tolist()}) == len(run.data.item_ids)
+
+
 def test_length_buckets_cover_every_window_once():
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 21, size=1037)

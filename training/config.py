@@ -25,6 +25,9 @@ class SIDConfig:
     levels: int = 3  # 3 x 256 as TIGER / GRID
     codebook_size: int = 256
     balanced: bool = False  # OneRec-style capped clusters
+    # Items that share a whole code tuple move to the nearest free last-level code of their
+    # prefix (training.quantize.spread_last_level); the dedup digit is left for overfull prefixes.
+    spread_collisions: bool = False
     niter: int = 25
     seed: int = 0
 

@@ -1,6 +1,8 @@
 """SIDs for new items without retraining: embed their text with the bundle's embedding model,
 assign residual codes against the bundle's RQ-KMeans codebooks, and give each a de-duplication
-digit that no existing or other new item with the same codes holds.
+digit that no existing or other new item with the same codes holds. In a bundle built with
+`sid.spread_collisions`, an item whose code tuple is taken first moves to the nearest last-level
+code its prefix has free, as the catalogue's own items did.
 
 A new item whose digit would exceed the bundle's dedup cardinality cannot be represented by the
 trained model's vocabulary; it is reported (`fits=False`) rather than silently clipped. This
@@ -20,12 +22,11 @@ from model.bundle import BundleError, load_bundle, read_config
 class NewItemSIDs:
     sids: np.ndarray  # (M, L) int64
     fits: np.ndarray  # (M,) bool: the dedup digit is inside the bundle's vocabulary
-    nearest_existing: list[str | None]  # an existing item with the same first L-1 codes, if any
+    nearest_existing: list[str | None]  # an existing item holding the codes the quantiser gave, if any
 
 
 def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str | None = None) -> NewItemSIDs:
     from training.embeddings import embed_items
-    from training.quantize import assign_codes
 
     config = read_config(bundle_path)
     sid_cfg = config.get("sid", {})
@@ -44,22 +45,46 @@ def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str
     if X.shape[1] != codebooks[0].shape[1]:
         raise BundleError(f"embeddings have {X.shape[1]} dims but the bundle's codebooks have "
                           f"{codebooks[0].shape[1]}: use the embedding model the bundle was built with")
+    sids, nearest = new_item_sids(X, codebooks, bundle.sid_map.numpy(), bool(sid_cfg.get("spread_collisions")))
+    dedup_card = bundle.model_config.layout.cardinalities[-1]
+    return NewItemSIDs(sids, sids[:, -1] < dedup_card, [None if p < 0 else bundle.item_ids[p] for p in nearest])
+
+
+def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarray,
+                  spread: bool) -> tuple[np.ndarray, np.ndarray]:
+    """SIDs for new items' embeddings X (M, D) beside a catalogue's (L, N) PID->SID table.
+
+    -> (sids (M, L) int64, unique among the catalogue's and each other's; (M,) index of an
+    existing item holding the codes the quantiser gave each new item, -1 where none does).
+    With `spread`, an item whose codes are taken takes the nearest last-level code its prefix
+    has free (as `training.quantize.spread_last_level` placed the catalogue); otherwise, or when
+    the prefix has none free, it takes the next dedup digit of its codes.
+    """
+    from training.quantize import assign_codes
+
     codes = assign_codes(X, codebooks)  # (M, levels)
-    existing = bundle.sid_map.numpy()  # (L, N)
     k = codes.shape[1]
-    taken: dict[tuple[int, ...], int] = {}
-    first_item: dict[tuple[int, ...], str] = {}
+    taken: dict[tuple[int, ...], int] = {}  # codes -> largest dedup digit held
+    first_item: dict[tuple[int, ...], int] = {}
     for p in range(existing.shape[1]):
         key = tuple(int(c) for c in existing[:k, p])
         taken[key] = max(taken.get(key, -1), int(existing[k, p]))
-        first_item.setdefault(key, bundle.item_ids[p])
-    dedup_card = bundle.model_config.layout.cardinalities[-1]
-    digits, near = [], []
-    for row in codes:
-        key = tuple(int(c) for c in row)
+        first_item.setdefault(key, p)
+    by_distance = None
+    if spread:
+        R = X.astype(np.float64) - sum(codebooks[lv][codes[:, lv]] for lv in range(k - 1))  # (M, D)
+        last = np.asarray(codebooks[-1], dtype=np.float64)
+        by_distance = (((R[:, None, :] - last[None]) ** 2).sum(-1)).argsort(1)  # (M, K) nearest first
+    digits, nearest = [], []
+    for i, row in enumerate(codes):
+        key = given = tuple(int(c) for c in row)
+        if by_distance is not None and key in taken:
+            free = (c for c in by_distance[i].tolist() if key[:-1] + (c,) not in taken)
+            row[-1] = next(free, row[-1])
+            key = tuple(int(c) for c in row)
         d = taken.get(key, -1) + 1
         taken[key] = d
         digits.append(d)
-        near.append(first_item.get(key))
+        nearest.append(first_item.get(given, -1))
     sids = np.concatenate([codes, np.asarray(digits, dtype=np.int64)[:, None]], axis=1)
-    return NewItemSIDs(sids, sids[:, -1] < dedup_card, near)
+    return sids, np.asarray(nearest, dtype=np.int64)

@@ -112,7 +112,7 @@ def stage_embed(run: Run) -> None:
 
 
 def stage_sids(run: Run) -> None:
-    from training.quantize import rq_kmeans, rq_vae
+    from training.quantize import rq_kmeans, rq_vae, spread_last_level
     from training.sids import add_dedup_digit, plot_codebook_usage, sid_report
 
     if run.embeddings is None:
@@ -131,9 +131,17 @@ def stage_sids(run: Run) -> None:
         rq = rq_vae(X, c.levels, c.codebook_size, seed=c.seed)
     else:
         raise ValueError(f"unknown SID method {c.method!r}: use 'rq_kmeans' or 'rq_vae'")
+    cards = tuple(int(cb.shape[0]) for cb in rq.codebooks)
+    spread = None
+    if c.spread_collisions:
+        before = sid_report(rq.codes, None, None, cards)["collision_rate_before_dedup"]
+        rq, moved = spread_last_level(rq, X)
+        spread = {"collision_rate_of_quantiser": before, "items_moved": moved}
     sid_map, dedup_card = add_dedup_digit(rq.codes)
-    cards = tuple(int(cb.shape[0]) for cb in rq.codebooks) + (int(dedup_card),)
-    report = sid_report(rq.codes, rq.codebooks, X, cards)
+    cards += (int(dedup_card),)
+    report = sid_report(rq.codes, rq.codebooks, X if c.method == "rq_kmeans" else rq.latent(X), cards)
+    if spread is not None:
+        report["spread_collisions"] = spread
     (run.out / "report").mkdir(parents=True, exist_ok=True)
     plot_codebook_usage(sid_map.T, cards, run.out / "report" / "codebook_usage.png")
     tensors = {"sid_map": torch.as_tensor(sid_map, dtype=torch.int64),
@@ -254,6 +262,7 @@ def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
     extra = {"dataset": {"name": d.name, "fingerprint": d.fingerprint, "users": d.num_users, "items": d.num_items},
              "sid": {"method": run.cfg.sid.method, "levels": run.cfg.sid.levels,
                      "codebook_size": run.cfg.sid.codebook_size, "dedup_digit": True,
+                     "spread_collisions": run.cfg.sid.spread_collisions,
                      "cardinalities": sid_stamp.get("cardinalities")},
              "evaluation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
              "pipeline": run.cfg.to_dict()}

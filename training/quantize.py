@@ -7,6 +7,10 @@
   MLP encoder -> latent, L residual codebooks (straight-through estimator, commitment loss,
   k-means initialisation, dead-code reset), MLP decoder.
 - `assign_codes`: residual nearest-centroid codes for new items, with codebooks kept in a bundle.
+- `spread_last_level`: collision-aware last level (as LC-Rec's uniform semantic mapping): items
+  that share a whole code tuple move, within their prefix, to the nearest last-level codes no
+  other item of the prefix holds, so the dedup digit is needed only where a prefix holds more
+  items than the last codebook has codes.
 
 Level cardinality is `codebook_size` clamped to the number of items, so tiny catalogues work;
 `RQResult.cardinalities` reports the real sizes. Thread counts (faiss/torch) are the caller's.
@@ -190,6 +194,52 @@ def assign_codes(X: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarray:
         codes[:, level] = _nearest(R, cb)
         R = R - cb[codes[:, level]]
     return codes
+
+
+def spread_last_level(rq: RQResult, X: np.ndarray) -> tuple[RQResult, int]:
+    """-> (codes with distinct last codes inside each prefix where the codebook allows, items moved).
+
+    Inside every prefix (the first levels - 1 codes) that holds a collision, last codes are
+    matched greedily by distance over all (item, code) pairs of the prefix: the closest pair is
+    fixed first, then the closest pair among the items and codes still free, and so on. An item
+    whose nearest code no closer item claims keeps it. Prefixes without a collision are not
+    touched. Where a prefix holds more items than the codebook has codes, the items left over
+    keep their nearest code and collide (the dedup digit tells them apart).
+    """
+    X = _as_matrix(X)
+    if len(X) != len(rq.codes):
+        raise ValueError(f"X has {len(X)} rows but the codes cover {len(rq.codes)} items")
+    codes = rq.codes.copy()
+    N, L = codes.shape
+    R = rq.latent(X).astype(np.float64)
+    for level in range(L - 1):
+        R -= rq.codebooks[level][codes[:, level]]  # residual the last level quantises
+    C = np.asarray(rq.codebooks[-1], dtype=np.float64)
+    K = len(C)
+    prefix = (np.unique(codes[:, :-1], axis=0, return_inverse=True)[1].reshape(-1) if L > 1
+              else np.zeros(N, dtype=np.int64))
+    _, full, sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    crowded = np.unique(prefix[sizes[full.reshape(-1)] > 1])
+    order = np.argsort(prefix, kind="stable")
+    start = np.searchsorted(prefix[order], crowded, side="left")
+    stop = np.searchsorted(prefix[order], crowded, side="right")
+    for a, b in zip(start, stop):
+        members = order[a:b]  # (m,) items of this prefix
+        m = len(members)
+        d = _sq_dists(R[members], C)  # (m, K)
+        new = d.argmin(1)  # leftovers (m > K) keep their nearest code
+        free_item, free_code = np.ones(m, dtype=bool), np.ones(K, dtype=bool)
+        left = min(m, K)
+        for f in np.argsort(d, axis=None, kind="stable"):
+            i, c = divmod(int(f), K)
+            if free_item[i] and free_code[c]:
+                new[i], free_item[i], free_code[c] = c, False, False
+                left -= 1
+                if not left:
+                    break
+        codes[members, -1] = new
+    moved = int((codes[:, -1] != rq.codes[:, -1]).sum())
+    return RQResult(codes, rq.codebooks, rq.method, rq.encoder), moved
 
 
 def rq_vae(X: np.ndarray, levels: int = 3, codebook_size: int = 256, *, epochs: int = 100,
