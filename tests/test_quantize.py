@@ -189,3 +189,17 @@ def test_new_items_take_a_free_last_code_in_a_spread_catalogue():
     assert plain.tolist() == [[0, 0, 1], [0, 0, 2], [0, 1, 1]]
     fresh, none = new_item_sids(np.array([[0, 2.9]], np.float32), [C0, C1], existing, spread=True)
     assert fresh.tolist() == [[0, 2, 0]] and none.tolist() == [-1]
+
+
+def test_new_items_beside_sids_without_a_dedup_digit():
+    from training.new_items import new_item_sids
+
+    C0 = np.zeros((1, 2), np.float32)
+    C1 = np.array([[0, 0], [10, 0], [0, 3]], np.float32)
+    existing = np.array([[0, 0], [0, 1]])  # (levels=2, N=2): every tuple unique, no digit row
+    X = np.array([[0.1, 0], [0, 2.9], [10, 0.2]], np.float32)
+    sids, nearest = new_item_sids(X, [C0, C1], existing, spread=True)
+    # (0,0) is taken -> nearest free code 2; the second item wanted 2 too and finds no free code
+    # left -> digit 1 (it does not fit a digit-less vocabulary); (0,1) is taken, nothing free.
+    assert sids.tolist() == [[0, 2, 0], [0, 2, 1], [0, 1, 1]]
+    assert nearest.tolist() == [0, -1, 1]

@@ -98,24 +98,38 @@ def test_rerun_skips_fresh_stages_and_redoes_changed_ones(trained_run):
 
 
 @pytest.mark.slow
-def test_spread_collisions_leaves_fewer_sids_needing_a_dedup_digit(trained_run, tmp_path):
+def test_spread_collisions_gives_unique_sids_without_a_dedup_digit_end_to_end(trained_run, tmp_path):
+    """On the synthetic catalogue spreading removes every collision, so the SIDs lose their dedup
+    digit (3 decoding steps, not 4); such a bundle trains, exports, serves and takes new items."""
     import shutil
+
+    from training.embeddings import render_text
+    from training.new_items import assign_new_items
 
     run, out, _ = trained_run
     for name in ("embeddings.npy", "item_ids.json", "stages/data.json", "stages/embed.json"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
-        shutil.copy(out / name, tmp_path / name)  # fresh embed stage: only the SIDs are recomputed
-    cfg = demo_config(epochs=8)
+        shutil.copy(out / name, tmp_path / name)  # a fresh embed stage: only the SIDs on are recomputed
+    cfg = demo_config(epochs=1)
     cfg = type(cfg).from_dict({**cfg.to_dict(), "sid": {**cfg.to_dict()["sid"], "spread_collisions": True}})
-    spread = run_pipeline(None, tmp_path, cfg, until="sids", data=run.data, log=lambda _: None)
+    spread = run_pipeline(None, tmp_path, cfg, until="export", data=run.data, log=lambda _: None)
     plain = json.loads((out / "report" / "sid_report.json").read_text())
     rep = json.loads((tmp_path / "report" / "sid_report.json").read_text())
-    assert plain["collision_rate_before_dedup"] > 0.05  # 1,500 items on 16 x 16 x 16 codes collide
+    assert plain["collision_rate_before_dedup"] > 0.5  # 400 template-made items on 16 x 16 x 16 codes
     assert rep["spread_collisions"]["collision_rate_of_quantiser"] == plain["collision_rate_before_dedup"]
-    assert rep["spread_collisions"]["items_moved"] > 0
-    assert rep["collision_rate_before_dedup"] < plain["collision_rate_before_dedup"] / 4
+    assert rep["spread_collisions"]["items_moved"] > 0 and rep["collision_rate_before_dedup"] == 0.0
+    assert spread.layout.cardinalities == (16, 16, 16) and spread.sid_map.shape == (3, len(run.data.item_ids))
     assert torch.equal(spread.sid_map[:2], run.sid_map[:2].to(spread.sid_map.dtype))  # first levels kept
     assert len({tuple(c) for c in spread.sid_map.T.tolist()}) == len(run.data.item_ids)
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.config["sid"]["dedup_digit"] is False and bundle.sid_map.shape[0] == 3
+    res = RecommendEngine(bundle).recommend([[0, 1, 2]], 20, 10)
+    assert (res.items[0] >= 0).all() and len(set(res.items[0].tolist())) == 10
+    new = assign_new_items(tmp_path / "bundle", [render_text(run.data.item_fields[0])])
+    # Item 0's codes are held (by it, or by a closer item that kept them), so the new item moves
+    # to a free code of its prefix and fits, or finds none and does not fit: never a taken SID.
+    assert new.sids.shape == (1, 3) and new.nearest_existing[0] is not None
+    assert bool(new.fits[0]) == (tuple(new.sids[0].tolist()) not in {tuple(c) for c in bundle.sid_map.T.tolist()})
 
 
 def test_length_buckets_cover_every_window_once():

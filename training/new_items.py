@@ -4,9 +4,10 @@ digit that no existing or other new item with the same codes holds. In a bundle 
 `sid.spread_collisions`, an item whose code tuple is taken first moves to the nearest last-level
 code its prefix has free, as the catalogue's own items did.
 
-A new item whose digit would exceed the bundle's dedup cardinality cannot be represented by the
-trained model's vocabulary; it is reported (`fits=False`) rather than silently clipped. This
-module does not change the bundle: adding items to a catalogue is a new bundle version.
+A new item whose digit would exceed the bundle's dedup cardinality, or that needs a digit where
+the bundle's SIDs have none, cannot be represented by the trained model's vocabulary; it is
+reported (`fits=False`) rather than silently clipped. This module does not change the bundle:
+adding items to a catalogue is a new bundle version.
 """
 from __future__ import annotations
 
@@ -46,16 +47,19 @@ def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str
         raise BundleError(f"embeddings have {X.shape[1]} dims but the bundle's codebooks have "
                           f"{codebooks[0].shape[1]}: use the embedding model the bundle was built with")
     sids, nearest = new_item_sids(X, codebooks, bundle.sid_map.numpy(), bool(sid_cfg.get("spread_collisions")))
-    dedup_card = bundle.model_config.layout.cardinalities[-1]
-    return NewItemSIDs(sids, sids[:, -1] < dedup_card, [None if p < 0 else bundle.item_ids[p] for p in nearest])
+    near = [None if p < 0 else bundle.item_ids[p] for p in nearest]
+    if bundle.sid_map.shape[0] == len(codebooks):  # SIDs without a dedup digit: only digit 0 fits
+        return NewItemSIDs(sids[:, :-1], sids[:, -1] == 0, near)
+    return NewItemSIDs(sids, sids[:, -1] < bundle.model_config.layout.cardinalities[-1], near)
 
 
 def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarray,
                   spread: bool) -> tuple[np.ndarray, np.ndarray]:
-    """SIDs for new items' embeddings X (M, D) beside a catalogue's (L, N) PID->SID table.
+    """SIDs for new items' embeddings X (M, D) beside a catalogue's (L, N) PID->SID table, whose
+    last row is the dedup digit, or which has no such row (L = levels) when every tuple is unique.
 
-    -> (sids (M, L) int64, unique among the catalogue's and each other's; (M,) index of an
-    existing item holding the codes the quantiser gave each new item, -1 where none does).
+    -> (sids (M, levels + 1) int64, digit last, unique among the catalogue's and each other's;
+    (M,) index of an existing item holding the codes the quantiser gave each new item, or -1).
     With `spread`, an item whose codes are taken takes the nearest last-level code its prefix
     has free (as `training.quantize.spread_last_level` placed the catalogue); otherwise, or when
     the prefix has none free, it takes the next dedup digit of its codes.
@@ -68,7 +72,7 @@ def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarr
     first_item: dict[tuple[int, ...], int] = {}
     for p in range(existing.shape[1]):
         key = tuple(int(c) for c in existing[:k, p])
-        taken[key] = max(taken.get(key, -1), int(existing[k, p]))
+        taken[key] = max(taken.get(key, -1), int(existing[k, p]) if len(existing) > k else 0)
         first_item.setdefault(key, p)
     by_distance = None
     if spread:

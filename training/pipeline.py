@@ -138,7 +138,10 @@ def stage_sids(run: Run) -> None:
         rq, moved = spread_last_level(rq, X)
         spread = {"collision_rate_of_quantiser": before, "items_moved": moved}
     sid_map, dedup_card = add_dedup_digit(rq.codes)
-    cards += (int(dedup_card),)
+    if dedup_card > 1:
+        cards += (int(dedup_card),)
+    else:  # every code tuple is unique: a digit that is always 0 would only cost a decoding step
+        sid_map = sid_map[:-1]
     report = sid_report(rq.codes, rq.codebooks, X if c.method == "rq_kmeans" else rq.latent(X), cards)
     if spread is not None:
         report["spread_collisions"] = spread
@@ -261,7 +264,8 @@ def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
     sid_stamp = json.loads(run.stamp_path("sids").read_text())
     extra = {"dataset": {"name": d.name, "fingerprint": d.fingerprint, "users": d.num_users, "items": d.num_items},
              "sid": {"method": run.cfg.sid.method, "levels": run.cfg.sid.levels,
-                     "codebook_size": run.cfg.sid.codebook_size, "dedup_digit": True,
+                     "codebook_size": run.cfg.sid.codebook_size,
+                     "dedup_digit": len(run.layout.cardinalities) > run.cfg.sid.levels,
                      "spread_collisions": run.cfg.sid.spread_collisions,
                      "cardinalities": sid_stamp.get("cardinalities")},
              "evaluation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
