@@ -18,7 +18,8 @@ class Settings(BaseSettings):
     # --- bundle and engine ---------------------------------------------------------------------
     bundle_path: str = "bundles/demo"
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # "auto": bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), fp32 elsewhere
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     beam_step: Literal["auto", "reference", "triton"] = "auto"
     # torch intra-op threads; None keeps torch's default (all cores). With --workers N on a
     # shared host set this to cores // N so the workers do not oversubscribe the CPU.

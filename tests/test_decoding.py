@@ -233,3 +233,21 @@ def test_engine_bf16_matches_fp32(tmp_path):
     torch.testing.assert_close(b.scores, a.scores, rtol=2e-2, atol=2e-2)
     overlap = sum(len(set(x) & set(y)) for x, y in zip(a.items.tolist(), b.items.tolist()))
     assert overlap >= 0.8 * a.items.numel()
+
+
+def test_engine_auto_dtype_is_bf16_only_where_bf16_is_native(tmp_path, monkeypatch):
+    import model.engine as engine_mod
+    from model.bundle import load_bundle, save_bundle
+    from model.engine import EngineOptions, RecommendEngine
+
+    save_bundle(tmp_path / "b", make_model("decoder_only", seed=3), make_catalogue(30, seed=3),
+                [f"i{i}" for i in range(30)])
+    bundle = load_bundle(tmp_path / "b")
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(engine_mod, "cpu_has_native_bf16", lambda native=native: native)
+        eng = RecommendEngine(bundle, EngineOptions(dtype="auto"))
+        assert eng.options.dtype == want
+        assert (eng.recommend([[1, 2]], 10, 5).items[0] >= 0).all()
+    assert engine_mod.fast_dtype("cuda") == "bfloat16"
+    with pytest.raises(ValueError, match="'float32', 'bfloat16' or 'auto'"):
+        RecommendEngine(bundle, EngineOptions(dtype="float16"))

@@ -273,11 +273,12 @@ def test_fit_on_train_plus_valid_trains_on_every_validation_target(tmp_path):
 
 
 def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
+    import model.engine as engine_mod
     from training import train as train_mod
 
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engine_mod, "cpu_has_native_bf16", lambda: False)
     assert train_mod.autocast_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(engine_mod, "cpu_has_native_bf16", lambda: True)
     assert train_mod.autocast_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert train_mod.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert train_mod.autocast_dtype("float32", torch.device("cuda")) == torch.float32

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from kernels.trie import PrefixTrie
 from model.config import PAD_ID, ModelConfig, SIDLayout
+from model.engine import fast_dtype, tune_glibc_malloc
 from model.transformer import SIDTransformer
 from training import distributed as dist_utils
 from training.config import TrainConfig
@@ -84,22 +85,11 @@ def batch_logits(model: torch.nn.Module, data: WindowSet | PackedSet, idx: np.nd
     return model(src, mask, tgt), tgt
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Without it bf16
-    matmuls are emulated and slower than fp32 (measured: 6x slower training on an AVX2 EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     """The training autocast dtype for `train.dtype`: "auto" is bf16 on CUDA and on CPUs with
-    native bf16, fp32 elsewhere."""
+    native bf16, fp32 elsewhere (`model.engine.fast_dtype`, as serving decides)."""
     if name == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if fast else torch.float32
+        name = fast_dtype(device)
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
@@ -154,8 +144,6 @@ def train_model(cfg: TrainConfig, layout: SIDLayout, sid_map: torch.Tensor, wind
         # Keep freed activation buffers in the process: by default glibc returns every block above
         # a few MB to the OS and the next step page-faults it back in (~70k faults/s, a sixth of a
         # Beauty training step spent in the kernel, measured).
-        from model.engine import tune_glibc_malloc
-
         tune_glibc_malloc()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
