@@ -142,7 +142,7 @@ def stage_sids(run: Run) -> None:
         cards += (int(dedup_card),)
     else:  # every code tuple is unique: a digit that is always 0 would only cost a decoding step
         sid_map = sid_map[:-1]
-    report = sid_report(rq.codes, rq.codebooks, X if c.method == "rq_kmeans" else rq.latent(X), cards)
+    report = sid_report(rq.codes, rq.codebooks, rq.latent(X), cards)  # the codebooks' space
     if spread is not None:
         report["spread_collisions"] = spread
     (run.out / "report").mkdir(parents=True, exist_ok=True)
