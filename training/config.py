@@ -58,7 +58,8 @@ class TrainConfig:
     time_budget_min: float | None = None  # stop (and keep the best checkpoint) after this long
     patience: int = 4  # epochs without a validation Recall@10 gain before early stopping
     # Autocast dtype: "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX,
-    # where bf16 matmuls are ~3x fp32), fp32 on other CPUs (where bf16 is emulated and 6x slower, measured).
+    # where a large bf16 matmul ran 6x fp32 on an AMX Xeon), fp32 on other CPUs (where bf16 is
+    # emulated: training ran 6x slower on an AVX2 EPYC). Both measured; see README.
     dtype: str = "auto"
     eval_users: int = 3000  # validation users sampled per epoch for early stopping (all at the end)
     eval_beam: int = 20  # beam width for Recall/NDCG@{5,10}

@@ -64,7 +64,7 @@ def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarr
     has free (as `training.quantize.spread_last_level` placed the catalogue); otherwise, or when
     the prefix has none free, it takes the next dedup digit of its codes.
     """
-    from training.quantize import assign_codes
+    from training.quantize import assign_codes, last_level_residual, sq_dists
 
     codes = assign_codes(X, codebooks)  # (M, levels)
     k = codes.shape[1]
@@ -76,9 +76,8 @@ def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarr
         first_item.setdefault(key, p)
     by_distance = None
     if spread:
-        R = X.astype(np.float64) - sum(codebooks[lv][codes[:, lv]] for lv in range(k - 1))  # (M, D)
-        last = np.asarray(codebooks[-1], dtype=np.float64)
-        by_distance = (((R[:, None, :] - last[None]) ** 2).sum(-1)).argsort(1)  # (M, K) nearest first
+        R = last_level_residual(X, codes, codebooks)  # (M, D)
+        by_distance = sq_dists(R, np.asarray(codebooks[-1], dtype=np.float64)).argsort(1)  # (M, K) nearest first
     digits, nearest = [], []
     for i, row in enumerate(codes):
         key = given = tuple(int(c) for c in row)

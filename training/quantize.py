@@ -76,7 +76,7 @@ def _nearest(R: np.ndarray, C: np.ndarray) -> np.ndarray:
     return idx[:, 0].astype(np.int64)
 
 
-def _sq_dists(R: np.ndarray, C: np.ndarray) -> np.ndarray:
+def sq_dists(R: np.ndarray, C: np.ndarray) -> np.ndarray:
     """(N, K) squared L2 distances, ||r||^2 - 2 r.c + ||c||^2."""
     d = (R * R).sum(1)[:, None] - 2.0 * (R @ C.T) + (C * C).sum(1)[None, :]
     return np.maximum(d, 0.0, out=d)
@@ -89,7 +89,7 @@ def _balanced_assign(R: np.ndarray, C: np.ndarray, cap: int) -> np.ndarray:
     N, K = len(R), len(C)
     if cap * K < N:
         raise ValueError(f"capacity {cap} x {K} clusters cannot hold {N} items")
-    d = _sq_dists(R, C)  # (N, K)
+    d = sq_dists(R, C)  # (N, K)
     assign = np.full(N, -1, dtype=np.int64)
     load = np.zeros(K, dtype=np.int64)
     todo = np.arange(N)
@@ -196,6 +196,14 @@ def assign_codes(X: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarray:
     return codes
 
 
+def last_level_residual(Z: np.ndarray, codes: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarray:
+    """(N, D) float64: what the last level quantises, Z minus the centroids of the levels before."""
+    R = np.asarray(Z, dtype=np.float64).copy()
+    for level in range(len(codebooks) - 1):
+        R -= codebooks[level][codes[:, level]]
+    return R
+
+
 def spread_last_level(rq: RQResult, X: np.ndarray) -> tuple[RQResult, int]:
     """-> (codes with distinct last codes inside each prefix where the codebook allows, items moved).
 
@@ -211,9 +219,7 @@ def spread_last_level(rq: RQResult, X: np.ndarray) -> tuple[RQResult, int]:
         raise ValueError(f"X has {len(X)} rows but the codes cover {len(rq.codes)} items")
     codes = rq.codes.copy()
     N, L = codes.shape
-    R = rq.latent(X).astype(np.float64)
-    for level in range(L - 1):
-        R -= rq.codebooks[level][codes[:, level]]  # residual the last level quantises
+    R = last_level_residual(rq.latent(X), codes, rq.codebooks)
     C = np.asarray(rq.codebooks[-1], dtype=np.float64)
     K = len(C)
     prefix = (np.unique(codes[:, :-1], axis=0, return_inverse=True)[1].reshape(-1) if L > 1
@@ -226,7 +232,7 @@ def spread_last_level(rq: RQResult, X: np.ndarray) -> tuple[RQResult, int]:
     for a, b in zip(start, stop):
         members = order[a:b]  # (m,) items of this prefix
         m = len(members)
-        d = _sq_dists(R[members], C)  # (m, K)
+        d = sq_dists(R[members], C)  # (m, K)
         new = d.argmin(1)  # leftovers (m > K) keep their nearest code
         free_item, free_code = np.ones(m, dtype=bool), np.ones(K, dtype=bool)
         left = min(m, K)
