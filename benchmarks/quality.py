@@ -2,7 +2,7 @@
 Beauty files are absent), TIGER protocol, printed as a table and one JSON line last.
 
     .venv/bin/python benchmarks/quality.py --data ../shared/data/amazon-beauty --out runs/beauty \
-        --time-budget 75
+        --config beauty-cpu
 
 Stages resume: a second call with the same settings only re-reads the metrics.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import PipelineConfig  # noqa: E402
+from training.config import PipelineConfig, load_config  # noqa: E402
 from training.cli import _apply_overrides, demo_config  # noqa: E402
 from training.pipeline import run_pipeline  # noqa: E402
 
@@ -28,21 +28,23 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "amazon-beauty"))
     p.add_argument("--out", default=str(ROOT / "runs" / "beauty"))
-    p.add_argument("--time-budget", type=float, default=75.0, help="training minutes")
+    p.add_argument("--config", help="recipe name (beauty-cpu) or JSON config file; Beauty data only")
+    p.add_argument("--time-budget", type=float, help="training minutes (default: the recipe's, else 75)")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     t0 = time.time()
     data = None
     if Path(a.data).is_dir():
-        cfg = PipelineConfig()
+        cfg = load_config(a.config) if a.config else PipelineConfig()
         name_path = a.data
     else:
         from training.synthetic import make_synthetic
 
         print(f"{a.data} not found: running on the built-in synthetic data", file=sys.stderr)
         cfg, name_path, data = demo_config(), None, make_synthetic(400, 1500, seed=0)
-    cfg = _apply_overrides(cfg, [f"train.time_budget_min={a.time_budget}", f"train.device={a.device}", *a.set])
+    budget = a.time_budget if a.time_budget is not None else (cfg.train.time_budget_min or 75.0)
+    cfg = _apply_overrides(cfg, [f"train.time_budget_min={budget}", f"train.device={a.device}", *a.set])
     run_pipeline(name_path, a.out, cfg, until="export", data=data)
     m = json.loads((Path(a.out) / "metrics.json").read_text())
     pop = m["popularity"]

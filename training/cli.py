@@ -4,6 +4,7 @@ and (delegated to `service.cli`) the server and the Redis index tools.
     sidrec train --data ../shared/data/amazon-beauty --out runs/beauty        # every stage
     sidrec train --data ... --out ... --stage sids                             # one stage
     sidrec train --data ... --out ... --set train.epochs=10 --set sid.balanced=true
+    sidrec train --data ../shared/data/amazon-beauty --out runs/beauty --config beauty-cpu  # a recipe
     sidrec synth --out data/synthetic                                          # P5-format files
     sidrec demo-bundle bundles/demo                                            # small trained bundle
     sidrec assign-sids --bundle runs/beauty/bundle --text "..."                # SID for a new item
@@ -17,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from training.config import PipelineConfig
+from training.config import PipelineConfig, load_config
 from training.pipeline import STAGES, run_pipeline
 
 
@@ -40,7 +41,7 @@ def _apply_overrides(cfg: PipelineConfig, sets: list[str]) -> PipelineConfig:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    cfg = PipelineConfig.from_dict(json.loads(Path(a.config).read_text())) if a.config else PipelineConfig()
+    cfg = load_config(a.config) if a.config else PipelineConfig()
     cfg = _apply_overrides(cfg, a.set or [])
     if a.device:
         cfg = _apply_overrides(cfg, [f"train.device={a.device}"])
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, help="run directory (stages resume from here)")
     t.add_argument("--stage", choices=STAGES, help="run only this stage (and what it needs)")
     t.add_argument("--until", choices=STAGES, default="export")
-    t.add_argument("--config", help="JSON file with embed/sid/train/eval sections")
+    t.add_argument("--config", help="a recipe name (beauty-cpu, beauty-gpu) or a JSON file with "
+                   "embed/sid/train/eval sections; --set and --time-budget override it")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     t.add_argument("--time-budget", type=float, help="stop training after this many minutes (keeps best)")

@@ -9,7 +9,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,39 @@ class PipelineConfig:
             return kls(**sub)
         return cls(build(EmbedConfig, d.get("embed", {})), build(SIDConfig, d.get("sid", {})),
                    build(TrainConfig, d.get("train", {})), build(EvalConfig, d.get("eval", {})))
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with sidrec (training/recipes/NAME.json)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+
+
+def load_config(spec: str | Path) -> PipelineConfig:
+    """A `PipelineConfig` from a JSON file path, or from a shipped recipe's name ("beauty-cpu").
+
+    A recipe is a partial config: the sections and keys it names override the defaults. Keys
+    starting with "_" (comments) are ignored. Errors name the file and what was wrong in it.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        if path.suffix or "/" in str(spec) or str(spec) not in recipe_names():
+            raise FileNotFoundError(f"config {str(spec)!r} is neither a file nor a recipe; "
+                                    f"recipes: {', '.join(recipe_names()) or 'none'}")
+        path = RECIPES_DIR / f"{spec}.json"
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: expected a JSON object with embed/sid/train/eval sections")
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    unknown = set(raw) - {"embed", "sid", "train", "eval"}
+    if unknown:
+        raise ValueError(f"config {path}: unknown sections {sorted(unknown)}; known: embed, sid, train, eval")
+    try:
+        return PipelineConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config {path}: {e}") from None
 
 
 def fingerprint(*parts: Any) -> str:
