@@ -41,7 +41,9 @@ def main() -> None:
     else:
         from training.synthetic import make_synthetic
 
-        print(f"{a.data} not found: running on the built-in synthetic data", file=sys.stderr)
+        print(f"{a.data} not found: running on the built-in synthetic data"
+              + (f" with the demo config (--config {a.config} is for the real data)" if a.config else ""),
+              file=sys.stderr)
         cfg, name_path, data = demo_config(), None, make_synthetic(400, 1500, seed=0)
     budget = a.time_budget if a.time_budget is not None else (cfg.train.time_budget_min or 75.0)
     cfg = _apply_overrides(cfg, [f"train.time_budget_min={budget}", f"train.device={a.device}", *a.set])

@@ -121,6 +121,10 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PipelineConfig":
+        sections = {"embed", "sid", "train", "eval"}
+        if set(d) - sections:
+            raise ValueError(f"unknown sections {sorted(set(d) - sections)}; known: embed, sid, train, eval")
+
         def build(kls, sub):
             names = {f.name for f in dataclasses.fields(kls)}
             unknown = set(sub) - names
@@ -155,12 +159,8 @@ def load_config(spec: str | Path) -> PipelineConfig:
         raise ValueError(f"config {path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config {path}: expected a JSON object with embed/sid/train/eval sections")
-    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
-    unknown = set(raw) - {"embed", "sid", "train", "eval"}
-    if unknown:
-        raise ValueError(f"config {path}: unknown sections {sorted(unknown)}; known: embed, sid, train, eval")
     try:
-        return PipelineConfig.from_dict(raw)
+        return PipelineConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
     except (TypeError, ValueError) as e:
         raise ValueError(f"config {path}: {e}") from None
 
