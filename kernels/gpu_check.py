@@ -170,7 +170,7 @@ def capture_search(engine, B: int, K: int, histories):
     src, mask = src0.clone(), mask0.clone()  # the static input buffers
     decoder = getattr(engine, "decoder", engine.model)
     run = lambda: beam_search(decoder, engine.trie, src, mask, K, min(K, TOP_N),  # noqa: E731
-                              beam_step=engine.beam_step, cache_dtype=torch.float32)
+                              beam_step=engine.beam_step)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
@@ -209,8 +209,7 @@ def compiled_search(engine, K: int):
 
         s, m = encode_histories(hist, engine.sid_map, model.offsets, HISTORY, engine.device)
         with torch.no_grad():
-            return beam_search(Compiled(), engine.trie, s, m, K, min(K, TOP_N), beam_step=engine.beam_step,
-                               cache_dtype=torch.float32)
+            return beam_search(Compiled(), engine.trie, s, m, K, min(K, TOP_N), beam_step=engine.beam_step)
 
     return call
 

@@ -71,8 +71,7 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
                 beam_width: int | Sequence[int], top_n: int,
                 exclude_items: Tensor | None = None, item_mask: Tensor | None = None,
                 leaf_mask: Tensor | None = None,
-                beam_step: Callable[..., StepOutput] = beam_step_reference,
-                cache_dtype: torch.dtype | None = None) -> BeamResult:
+                beam_step: Callable[..., StepOutput] = beam_step_reference) -> BeamResult:
     """Top-`top_n` valid items for each history by beam search over the SID levels.
 
     src, src_mask: (B, T) from `encode_histories`. beam_width: one int, or one per request
@@ -104,8 +103,7 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
 
     prefix = model.prefill(src, src_mask)
     src_len = src_mask.sum(1)
-    dtype = cache_dtype or prefix.keys[0].dtype
-    cache = model.new_cache(B, K, device, dtype)
+    cache = model.new_cache(B, K, device, prefix.keys[0].dtype)
     tokens = torch.full((B, 1), BOS_ID, dtype=torch.int64, device=device)
     scores = torch.zeros(B, 1, device=device)
     states = torch.zeros(B, 1, dtype=torch.int64, device=device)

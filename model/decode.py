@@ -1,4 +1,4 @@
-"""The fast cached decoder step of `SIDTransformer`: what one beam-search level costs.
+"""The fast cached decoder of `SIDTransformer`: prefill and one beam-search level per call.
 
 This is the serving/evaluation hot path, kept apart from the training `forward` (which it must
 match numerically, see tests/test_decoding.py). It is not a second model: it reads the module's
@@ -10,30 +10,43 @@ parameters, and only re-packs them for decoding:
   bf16 autocast: matmuls in bf16, residual stream, norms and softmax in fp32). The pack is cached
   on the module and rebuilt whenever a parameter changes (tensor version counters), so evaluation
   during training never sees stale weights; the state_dict keys are untouched.
-* Beams are the query rows of the cross-attention: the request's K/V (B, H, T, dh) is read once
-  per request by one batched attention (SDPA in fp32; two GEMMs + an fp32 softmax in bf16, which
-  beats the CPU flash kernel there), never copied per beam.
-* The per-beam self-attention reads at most L cached positions: a batched dot product done
-  elementwise (MKL's batched GEMM is slower at t <= 4); `enable_compiled_decode` swaps in a
-  torch.compile'd version (optional).
+* What every beam of a request attends to alike is its *context*: the history (decoder-only) or
+  the encoder memory (cross-attention), plus, for the decoder-only model, the step-0 BOS position,
+  which one beam decoded for all of them. `BeamCache` keeps such a position once per request, not
+  once per beam. The context is read once per request by batched GEMMs; nothing is copied per beam.
+* Wide steps attend to the context in *absorbed* form (`Context`): the query projection is folded
+  into the context keys (A = Wq_h^T K_h, so scores = x_norm @ A) and the output projection into
+  its values (Wo_h V_h), once per search. The beams' scores and outputs then come out of one GEMM
+  each, already in the (batch, beam, head) layout, with no per-step transposes of q, p or o.
+  Narrow steps (step 0, small beams) attend directly: folding costs more than it saves there.
+* Each beam's own positions (its parents' codes and itself, at most L) are dot products done
+  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4.
 * Large steps (B*K rows above `ROW_CHUNK`) run in beam chunks, so the d_ff-wide activations stay
-  in cache and under glibc's mmap threshold (a 16k-row GELU input is 64 MB otherwise, page
-  faulted afresh on every call).
+  under glibc's mmap threshold (not page-faulted afresh on every call).
 
-Measured alternatives that lost (benchmarks/engine_bench.py, this CPU): SDPA for the t <= 4 own
-positions, einsum (-> bmm) for either attention, a (B, K, L, H*dh) cache layout, torch.compile of
-the whole layer (2.5 min to compile for ~3%).
+Measured on the 2-core AVX-512-BF16 dev CPU, bf16, the Beauty model (4 layers, 3-code SIDs), one
+step of 32 requests x 256 beams: absorbed 101 ms vs direct 111 ms (the direct form's per-head
+GEMMs are tiny and need q, p and o transposed); chunks of 8192 rows 88-98 ms vs 2048 rows
+120-130 ms. Against the previous design (a dense (B, K, H, L, dh) cache written per beam, the
+history attended directly), the whole search at 32 x 256 went from 340 to 201 ms and at 1 x 100
+from 26-32 to 20-22 ms (benchmarks/engine_bench.py and README: Serving for the sweep).
+
+The exported graphs of the ONNX backend trace `decoder_layers` (plain tensors in, plain tensors
+out, the whole per-beam cache as one input); it computes the same step without the per-search
+state, and tests hold the two to each other.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROW_CHUNK = 2048  # rows (batch x beams) per chunk: 2048 x d_ff(1024) fp32 = 8 MB of activations
+ROW_CHUNK = 8192  # rows (batch x beams) per chunk: 8192 x d_ff(1024) bf16 = 16 MB, under the 32 MB mmap threshold
+# Steps with at least this many beams per request attend to the context in absorbed form.
+ABSORB_MIN_BEAMS = 16
 
 
 @dataclass
@@ -96,164 +109,352 @@ def decode_weights(model, dtype: torch.dtype) -> DecodeWeights:
     return w
 
 
-def _own_cache(k: Tensor, v: Tensor, ck: Tensor, cv: Tensor, step: int, write: bool) -> tuple[Tensor, Tensor]:
-    """This beam's keys/values over positions 0..step: (B, K, H, step + 1, dh) each.
-
-    write=True: ck/cv are the (B, K, H, L, dh) cache rows; position `step` is written in place.
-    write=False (exported graphs): ck/cv hold positions [0, step) only and nothing is written.
-    """
-    if write:
-        ck[:, :, :, step] = k
-        cv[:, :, :, step] = v
-        return ck[:, :, :, : step + 1], cv[:, :, :, : step + 1]
-    if step == 0:
-        return k[:, :, :, None], v[:, :, :, None]
-    return (torch.cat([ck[:, :, :, :step], k[:, :, :, None].to(ck.dtype)], 3),
-            torch.cat([cv[:, :, :, :step], v[:, :, :, None].to(cv.dtype)], 3))
+def _norm(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """RMSNorm without gain (the gain lives in the next projection), cast to the matmul dtype."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps).to(dtype)
 
 
-def own_attention(q: Tensor, keys: Tensor, vals: Tensor) -> Tensor:
-    """Each beam's attention over its own t <= L positions. q (B, K, H, dh) already carries
-    1/sqrt(dh); keys/vals (B, K, H, t, dh). A dot product beats a batched GEMM at t <= 4;
-    `enable_compiled_decode` fuses it further."""
-    s = (q.to(keys.dtype)[:, :, :, None] * keys).sum(-1).float()  # (B, K, H, t)
-    # torch.softmax over a last dim of 2..4 runs ~4x slower than spelling it out
+def _ffn(w: LayerWeights, x: Tensor, eps: float) -> Tensor:
+    """Pre-norm GELU feed-forward with its residual: x (B, K, D) fp32 -> x + FF(x)."""
+    return x + F.linear(F.gelu(F.linear(_norm(x, eps, w.up.dtype), w.up)), w.down)
+
+
+def _split_heads(a: Tensor, h: int, dh: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(..., 3I) fused projection -> q, k, v (..., H, dh) views."""
+    return tuple(t.unflatten(-1, (h, dh)) for t in a.split(h * dh, -1))
+
+
+def _dots(q: Tensor, keys: list[Tensor]) -> Tensor:
+    """q (B, K, H, dh) against each of `keys` (B, K or 1, H, dh) -> (B, K, H, len(keys)) in q's
+    dtype (the sum accumulates in fp32)."""
+    if len(keys) == 1:
+        return (q * keys[0]).sum(-1, keepdim=True)
+    return torch.stack([(q * k).sum(-1) for k in keys], -1)
+
+
+def _weighted(p: Tensor, vals: list[Tensor]) -> Tensor:
+    """sum_j p[..., j] * vals[j]: p (B, K, H, n) probabilities, vals (B, K or 1, H, dh) -> (B, K, H, dh)."""
+    p = p.to(vals[0].dtype)[..., None]
+    o = p[..., 0, :] * vals[0]
+    for j in range(1, len(vals)):
+        o = torch.addcmul(o, p[..., j, :], vals[j])
+    return o
+
+
+def _softmax_small(s: Tensor) -> Tensor:
+    """Softmax over a last dim of 1..L: torch.softmax there is ~4x slower than spelling it out."""
     e = (s - s.amax(-1, keepdim=True)).exp()
-    p = (e / e.sum(-1, keepdim=True)).to(vals.dtype)[..., None]  # (B, K, H, t, 1)
-    o = p[:, :, :, 0] * vals[:, :, :, 0]  # (B, K, H, dh): accumulate over t, no (.., t, dh) temporary
-    for j in range(1, keys.shape[3]):
-        o = torch.addcmul(o, p[:, :, :, j], vals[:, :, :, j])
-    return o.to(q.dtype)
+    return e / e.sum(-1, keepdim=True)
 
 
+# ---- prefill (decoder-only) ------------------------------------------------------------------
+def prefill_decoder_only(model, w: DecodeWeights, x: Tensor, src_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Run the history once through the packed layers. x (B, T, D) fp32 embedded history,
+    src_mask (B, T) bool. Returns per-layer keys/values (B, H, T, dh) in the compute dtype.
+
+    The last layer's attention output and feed-forward are not computed: nothing reads them
+    (the beams read only the history's keys and values)."""
+    cfg = model.cfg
+    B, T, _ = x.shape
+    h, dh = cfg.n_heads, cfg.d_head
+    ar = torch.arange(T, device=x.device)  # comparisons, not tril/eye: both export to ONNX
+    allowed = ((ar[:, None] >= ar[None]) & src_mask[:, None, :]) | (ar[:, None] == ar[None])  # (B, T, T)
+    mask = torch.zeros(allowed.shape, dtype=w.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+    mask = mask.repeat_interleave(h, 0)  # (B*H, T, T), one per (request, head)
+    ks, vs = [], []
+    for i, lw in enumerate(w.layers):
+        q, k, v = (t.transpose(1, 2) for t in _split_heads(F.linear(_norm(x, w.eps, w.dtype), lw.qkv), h, dh))
+        ks.append(k.contiguous())
+        vs.append(v.contiguous())
+        if i == len(w.layers) - 1:
+            break
+        # q carries 1/sqrt(dh). Two GEMMs and an fp32 softmax: 3x faster than the CPU flash
+        # kernel at T = 60 in bf16, and what an exported graph wants anyway.
+        p = torch.softmax(torch.baddbmm(mask, q.flatten(0, 1), ks[-1].flatten(0, 1).transpose(1, 2)), -1,
+                          dtype=torch.float32)  # (B*H, T, T)
+        o = torch.bmm(p.to(w.dtype), vs[-1].flatten(0, 1)).view(B, h, T, dh)
+        x = x + F.linear(o.transpose(1, 2).reshape(B, T, h * dh), lw.o)
+        x = _ffn(lw, x, w.eps)
+    return ks, vs
+
+
+# ---- the per-search cache ----------------------------------------------------------------------
+@dataclass
+class BeamCache:
+    """Each beam's own self-attention K/V, one entry per decoded position.
+
+    keys[i][j] / values[i][j]: layer i, position j, (B, K_j, H, dh). A position decoded with one
+    beam per request (K_j = 1: the BOS step of a beam search) is every beam's alike and is kept
+    once, broadcast, never copied per beam. `contexts` holds what the decoder derived from the
+    request's context for this search (see `Context`); it is built on first use.
+    """
+
+    keys: list[list[Tensor]]
+    values: list[list[Tensor]]
+    contexts: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "BeamCache":
+        return cls([[] for _ in range(n_layers)], [[] for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        return len(self.keys[0]) if self.keys else 0
+
+    def append(self, ks: list[Tensor], vs: list[Tensor]) -> None:
+        """Add one position: per layer (B, K, H, dh)."""
+        for buf, new in ((self.keys, ks), (self.values, vs)):
+            for layer, t in zip(buf, new):
+                layer.append(t)
+
+    def shared(self, j: int) -> bool:
+        return self.keys[0][j].shape[1] == 1
+
+    def reorder(self, parents: Tensor, length: int) -> None:
+        """Make beam j of the next step continue from beam parents[:, j]. parents: (B, K').
+
+        Positions [0, length) move, as one row gather per (request, beam, position); shared
+        positions stay as they are."""
+        B = parents.shape[0]
+        flat = {}
+        for buf in (self.keys, self.values):
+            for layer in buf:
+                for j in range(min(length, len(layer))):
+                    c = layer[j]
+                    K = c.shape[1]
+                    if K == 1:
+                        continue
+                    if K not in flat:
+                        flat[K] = (parents + torch.arange(B, device=parents.device)[:, None] * K).reshape(-1)
+                    layer[j] = c.flatten(0, 1).index_select(0, flat[K]).view(B, parents.shape[1], *c.shape[2:])
+
+
+# ---- the request's context -------------------------------------------------------------------
+@dataclass
+class Context:
+    """What all beams of a request attend to alike in one attention of one layer.
+
+    Direct form: keys_t (B, H, dh, S) (query scale folded in), values (B, H, S, dh).
+    Absorbed form: a (B, H*S, D) with scores = x_norm @ a^T, and bv (B, H*S, D) with the
+    attention output *after* the output projection = p @ bv.
+    mask (B, 1, 1, S), or (B, 1, H*S) in absorbed form: additive, in the compute dtype (0 and
+    -inf are exact in bf16), over the n = T (+ shared positions) context slots and `slots` more
+    zero slots after them, where a step writes its beams' own scores (decoder-only: one softmax
+    over history and own codes); S = n + slots.
+    Scores come out of the GEMM in the compute dtype with the mask added; the softmax reads them
+    into fp32 (a bf16-out softmax is 4x slower on the CPU) and the GEMM after it reads p cast back.
+    """
+
+    mask: Tensor
+    n: int  # context positions (before the own slots)
+    slots: int  # zero slots after them for own scores
+    keys_t: Tensor | None = None
+    values: Tensor | None = None
+    a: Tensor | None = None
+    bv: Tensor | None = None
+
+
+def build_context(keys: Tensor, values: Tensor, mask: Tensor, wq: Tensor, wo: Tensor, scale: float,
+                  slots: int, absorbed: bool) -> Context:
+    """keys/values (B, H, T, dh) and mask (B, 1, 1, T) -> `Context` in wq's dtype.
+    wq (I, D): the query projection (norm gain folded in); wo (D, I): the output projection."""
+    B, H, T, dh = keys.shape
+    dt = wq.dtype
+    mask = mask.to(dt)
+    if slots:
+        z = keys.new_zeros(B, H, slots, dh)
+        keys, values = torch.cat([keys, z], 2), torch.cat([values, z], 2)
+    S = T + slots
+    if absorbed:
+        D = wq.shape[1]
+        # s[b,k,h,t] = (Wq_h xn) . K[b,h,t] = xn . (Wq_h^T K[b,h,t]);  o = sum_h Wo_h (sum_t p V) = p @ (V Wo_h^T)
+        # One GEMM per head over all requests' positions: (H, B*S, dh) @ (H, dh, D).
+        def fold(t: Tensor, w: Tensor) -> Tensor:
+            out = torch.bmm(t.to(dt).transpose(0, 1).reshape(H, B * S, dh), w)  # (H, B*S, D)
+            return out.view(H, B, S, D).transpose(0, 1).reshape(B, H * S, D)
+        a = fold(keys, (wq.view(H, dh, D) * scale).to(dt))
+        bv = fold(values, wo.view(D, H, dh).permute(1, 2, 0).contiguous())
+        return Context(mask.expand(-1, -1, H, -1).reshape(B, 1, H * S), T, slots, a=a, bv=bv)
+    return Context(mask, T, slots, keys_t=(keys.to(dt) * scale).transpose(-1, -2).contiguous(),
+                   values=values.to(dt).contiguous())
+
+
+def _context_scores(ctx: Context, xn: Tensor, q: Tensor | None) -> Tensor:
+    """(B, Kc, H, S) masked scores in the compute dtype; xn (B, Kc, D) the normed input, q (B, Kc, H, dh)."""
+    if ctx.a is not None:  # the mask is added inside the GEMM
+        return torch.baddbmm(ctx.mask, xn, ctx.a.transpose(1, 2)).unflatten(-1, (-1, ctx.n + ctx.slots))
+    return (torch.matmul(q.transpose(1, 2), ctx.keys_t) + ctx.mask).transpose(1, 2)
+
+
+def _context_output(ctx: Context, p: Tensor, wo: Tensor, own: Tensor | None) -> Tensor:
+    """p (B, Kc, H, S) probabilities in the compute dtype; own (B, Kc, H, dh) the own positions'
+    weighted values (or None) -> the attention block's output after the output projection (B, Kc, D)."""
+    B, Kc, H, S = p.shape
+    if ctx.a is not None:
+        out = torch.matmul(p.reshape(B, Kc, H * S), ctx.bv)  # (B, Kc, D)
+        if own is None:
+            return out
+        D = out.shape[-1]
+        return torch.addmm(out.view(-1, D), own.reshape(B * Kc, -1), wo.t()).view(B, Kc, D)
+    o = torch.matmul(p.transpose(1, 2), ctx.values).transpose(1, 2)  # (B, Kc, H, dh)
+    if own is not None:
+        o = o + own
+    return F.linear(o.reshape(B, Kc, -1), wo)
+
+
+# ---- one cached step -------------------------------------------------------------------------
+def _step_deconly(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor], own_v: list[Tensor],
+                  h: int, dh: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One causal layer for Kc beams: one softmax over the context and each beam's own positions
+    (own_k/own_v, then itself). Returns (x, k, v), k/v (B, Kc, H, dh) of this step."""
+    xn = _norm(x, eps, w.qkv.dtype)
+    q, k, v = _split_heads(F.linear(xn, w.qkv), h, dh)
+    n_own = len(own_k) + 1
+    s = _context_scores(ctx, xn, q)  # (B, Kc, H, S) (the own slots are 0 here)
+    s[..., ctx.n: ctx.n + n_own] = _dots(q, own_k + [k])
+    if n_own < ctx.slots:
+        s[..., ctx.n + n_own:] = float("-inf")
+    p = torch.softmax(s, -1, dtype=torch.float32)
+    own = _weighted(p[..., ctx.n: ctx.n + n_own], own_v + [v])
+    x = x + _context_output(ctx, p.to(w.qkv.dtype), w.o, own)
+    return _ffn(w, x, eps), k, v
+
+
+def _step_encdec(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor], own_v: list[Tensor],
+                 h: int, dh: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer for Kc beams: self-attention over the own positions, then cross-attention."""
+    dt = w.qkv.dtype
+    q, k, v = _split_heads(F.linear(_norm(x, eps, dt), w.qkv), h, dh)
+    if own_k:
+        o = _weighted(_softmax_small(_dots(q, own_k + [k]).float()), own_v + [v])
+    else:
+        o = v  # one position: the softmax is 1, the output is v
+    x = x + F.linear(o.reshape(*x.shape[:2], -1), w.o)
+    xn = _norm(x, eps, dt)
+    cq = None if ctx.a is not None else F.linear(xn, w.cq).unflatten(-1, (h, dh))
+    p = torch.softmax(_context_scores(ctx, xn, cq), -1, dtype=torch.float32)
+    x = x + _context_output(ctx, p.to(dt), w.co, None)
+    return _ffn(w, x, eps), k, v
+
+
+def _contexts(model, w: DecodeWeights, prefix, cache: BeamCache, shared: list[int], absorbed: bool) -> list[Context]:
+    """This search's per-layer contexts, built once per (shared positions, form) and kept in the cache."""
+    key = (tuple(shared), absorbed)
+    got = cache.contexts.get(key)
+    if got is not None:
+        return got
+    cfg = model.cfg
+    encdec = cfg.arch == "encoder_decoder"
+    ctxs = []
+    for i, lw in enumerate(w.layers):
+        keys, vals = prefix.keys[i].to(w.dtype), prefix.values[i].to(w.dtype)
+        mask = prefix.mask.float()
+        if encdec:
+            # torch's rule: a request whose keys are all masked (empty history) gets output 0,
+            # not NaN: its mask row becomes 0 (a harmless uniform softmax) and its values 0.
+            has = (mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
+            mask, vals = torch.where(has, mask, torch.zeros_like(mask)), vals * has.to(vals.dtype)
+            ctxs.append(build_context(keys, vals, mask, lw.cq, lw.co, cfg.d_head ** -0.5, 0, absorbed))
+            continue
+        if shared:  # positions decoded once for all beams join the history
+            keys = torch.cat([keys] + [cache.keys[i][j].transpose(1, 2).to(w.dtype) for j in shared], 2)
+            vals = torch.cat([vals] + [cache.values[i][j].transpose(1, 2).to(w.dtype) for j in shared], 2)
+            mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], len(shared))], -1)
+        slots = model.L - len(shared)  # room for every own position a later step can have
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], slots)], -1)
+        ctxs.append(build_context(keys, vals, mask, lw.qkv[: cfg.n_heads * cfg.d_head], lw.o, 1.0, slots, absorbed))
+    cache.contexts[key] = ctxs
+    return ctxs
+
+
+def run_decoder(model, w: DecodeWeights, x: Tensor, prefix, cache: BeamCache, step: int) -> Tensor:
+    """x (B, K, D) fp32 embedded inputs of step `step` -> logits (B, K, C_step) in fp32.
+    Appends this step's K/V to `cache`. Chunked over beams on the CPU."""
+    B, K, _ = x.shape
+    cfg = model.cfg
+    if cache.length != step:
+        raise ValueError(f"decode step {step} needs a cache holding {step} positions, it holds {cache.length}")
+    encdec = cfg.arch == "encoder_decoder"
+    shared = [j for j in range(step) if cache.shared(j)] if not encdec else []
+    own = [j for j in range(step) if j not in shared]
+    ctxs = _contexts(model, w, prefix, cache, shared, absorbed=K >= ABSORB_MIN_BEAMS)
+    layer_fn = _step_encdec if encdec else _step_deconly
+    chunk = max(1, ROW_CHUNK // max(B, 1)) if x.device.type == "cpu" else K  # GPUs want one big step
+    outs, ks, vs = [], [[] for _ in w.layers], [[] for _ in w.layers]
+    for k0 in range(0, K, chunk):
+        k1 = min(K, k0 + chunk)
+        xc = x[:, k0:k1]
+
+        def beams(c: Tensor) -> Tensor:
+            return c if c.shape[1] == 1 else c[:, k0:k1]
+        for i, lw in enumerate(w.layers):
+            xc, k, v = layer_fn(lw, xc, ctxs[i], [beams(cache.keys[i][j]) for j in own],
+                                [beams(cache.values[i][j]) for j in own], cfg.n_heads, cfg.d_head, w.eps)
+            ks[i].append(k)
+            vs[i].append(v)
+        outs.append(F.linear(_norm(xc, w.eps, w.dtype), w.level_emb[step]).float())
+    cache.append([c[0] if len(c) == 1 else torch.cat(c, 1) for c in ks],
+                 [c[0] if len(c) == 1 else torch.cat(c, 1) for c in vs])
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+
+# ---- exported graphs (ONNX backend) ------------------------------------------------------------
 def _own_attention_apart(q: Tensor, k: Tensor, v: Tensor, ck: Tensor, cv: Tensor) -> Tensor:
-    """`own_attention` for exported graphs: this step's k/v (B, K, H, dh) kept apart from the
-    cached positions ck/cv (B, K, H, step, dh), which ONNX would otherwise copy into a concat
-    and gather back out position by position (~15% of an onnxruntime step at beam 1000)."""
+    """Each beam's attention over its own positions for exported graphs: this step's k/v
+    (B, K, H, dh) kept apart from the cached positions ck/cv (B, K, H, step, dh), which ONNX would
+    otherwise copy into a concat and gather back out position by position."""
     s = torch.cat([(q[:, :, :, None] * ck).sum(-1), (q * k).sum(-1, keepdim=True)], -1)  # (B, K, H, t)
     p = torch.softmax(s.float(), -1)
     return (p[..., :-1, None] * cv).sum(-2) + p[..., -1:] * v  # (B, K, H, dh)
 
 
-def enable_compiled_decode(model, enabled: bool = True) -> None:
-    """Use a torch.compile'd `own_attention` in this module's decoder steps. Optional: measured
-    ~5% per request at beam 1000 in bf16 on the 2-core dev CPU, for ~16 s of compilation at the
-    first call (needs a C++ compiler). Compiling whole layers was ~3% for ~150 s: not offered."""
-    if enabled:
-        model.__dict__["_decode_own_attention"] = torch.compile(own_attention, dynamic=True)
-    else:
-        model.__dict__.pop("_decode_own_attention", None)
-
-
-def _qkv(w: LayerWeights, x: Tensor, h: int, dh: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Pre-norm fused q/k/v projection of x (B, K, D) -> q, k, v (B, K, H, dh) in the compute dtype."""
-    a = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(w.qkv.dtype), w.qkv)  # (B, K, 3I)
-    return tuple(t.unflatten(-1, (h, dh)) for t in a.split(h * dh, -1))
-
-
-def _ffn(w: LayerWeights, x: Tensor, eps: float) -> Tensor:
-    """Pre-norm GELU feed-forward with its residual: x (B, K, D) fp32 -> x + FF(x)."""
-    u = F.gelu(F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(w.up.dtype), w.up))  # (B, K, F)
-    return x + F.linear(u, w.down)
-
-
-def _layer_encdec(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
-                  ck: Tensor, cv: Tensor, step: int, h: int, dh: int, eps: float, write: bool,
-                  own=own_attention) -> tuple[Tensor, Tensor, Tensor]:
-    """One decoder layer for K beams. Returns (x, k, v): k/v (B, K, H, dh) of this step."""
+def _graph_layer(cfg, w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
+                 ck: Tensor | None, cv: Tensor | None, h: int, dh: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer of an exported step, fp32: x (B, K, D); prefix pk/pv (B, H, T, dh);
+    ck/cv (B, K, H, step, dh) the beams' cached positions (None at step 0)."""
     B, K, _ = x.shape
-    I = h * dh
-    dt = w.qkv.dtype
-    q, k, v = _qkv(w, x, h, dh, eps)  # (B, K, H, dh) each
-    if write:
-        keys, vals = _own_cache(k, v, ck, cv, step, write)  # (B, K, H, t, dh), this step written
-        o = v if step == 0 else own(q, keys, vals)  # one position: the softmax is 1, the output is v
-    else:
-        o = v if step == 0 else _own_attention_apart(q, k, v, ck, cv)
-    x = x + F.linear(o.reshape(B, K, I), w.o)
-    q = F.linear(F.rms_norm(x, (x.shape[-1],), None, eps).to(dt), w.cq)  # (B, K, I)
-    q = q.view(B, K, h, dh).transpose(1, 2)  # (B, H, K, dh): the beams are query rows
-    if dt == torch.float32:
-        o = F.scaled_dot_product_attention(q, pk, pv, attn_mask=mask)  # (B, H, K, dh)
-    else:  # bf16/fp16: two GEMMs + an fp32 softmax beat the CPU flash kernel by ~1.5x here
-        s = torch.matmul(q, pk.transpose(-1, -2) * (dh ** -0.5)).float() + mask  # (B, H, K, T)
-        o = torch.matmul(torch.softmax(s, -1).to(dt), pv)
-    x = x + F.linear(o.transpose(1, 2).reshape(B, K, I), w.co)
-    return _ffn(w, x, eps), k, v
-
-
-def _layer_deconly(w: LayerWeights, x: Tensor, pk: Tensor, pv: Tensor, mask: Tensor,
-                   ck: Tensor, cv: Tensor, step: int, h: int, dh: int, eps: float, write: bool,
-                   own=None) -> tuple[Tensor, Tensor, Tensor]:
-    """One causal layer: the K beams attend jointly to the shared history and their own codes."""
-    B, K, _ = x.shape
-    I = h * dh
-    dt = w.qkv.dtype
-    q, k, v = _qkv(w, x, h, dh, eps)  # (B, K, H, dh) each
-    keys, vals = _own_cache(k, v, ck, cv, step, write)  # (B, K, H, t, dh)
+    q, k, v = _split_heads(F.linear(_norm(x, eps, w.qkv.dtype), w.qkv), h, dh)  # (B, K, H, dh)
+    if cfg.arch == "encoder_decoder":
+        o = v if ck is None else _own_attention_apart(q, k, v, ck, cv)
+        x = x + F.linear(o.reshape(B, K, h * dh), w.o)
+        cq = F.linear(_norm(x, eps, w.cq.dtype), w.cq).view(B, K, h, dh).transpose(1, 2)  # (B, H, K, dh)
+        s = torch.matmul(cq, pk.transpose(-1, -2) * (dh ** -0.5)) + mask  # (B, H, K, T)
+        o = torch.matmul(torch.softmax(s, -1), pv).transpose(1, 2)
+        x = x + F.linear(o.reshape(B, K, h * dh), w.co)
+        return _ffn(w, x, eps), k, v
     T = pk.shape[2]
-    s_pre = torch.matmul(q.transpose(1, 2), pk.transpose(-1, -2)).float() + mask  # (B, H, K, T)
-    s_own = (q.to(keys.dtype)[:, :, :, None] * keys).sum(-1).float()  # (B, K, H, t)
+    keys = k[:, :, :, None] if ck is None else torch.cat([ck, k[:, :, :, None]], 3)  # (B, K, H, t, dh)
+    vals = v[:, :, :, None] if cv is None else torch.cat([cv, v[:, :, :, None]], 3)
+    s_pre = torch.matmul(q.transpose(1, 2), pk.transpose(-1, -2)) + mask  # (B, H, K, T)
+    s_own = (q[:, :, :, None] * keys).sum(-1)  # (B, K, H, t)
     p = torch.softmax(torch.cat([s_pre, s_own.transpose(1, 2)], -1), -1)  # (B, H, K, T + t)
-    o = torch.matmul(p[..., :T].to(dt), pv).transpose(1, 2)  # (B, K, H, dh)
-    p_own = p[..., T:].transpose(1, 2).to(vals.dtype)  # (B, K, H, t)
-    o = o + (p_own[..., None] * vals).sum(-2).to(dt)
-    x = x + F.linear(o.reshape(B, K, I).to(dt), w.o)
+    o = torch.matmul(p[..., :T], pv).transpose(1, 2) + (p[..., T:].transpose(1, 2)[..., None] * vals).sum(-2)
+    x = x + F.linear(o.reshape(B, K, h * dh), w.o)
     return _ffn(w, x, eps), k, v
 
 
 def decoder_layers(cfg, w: DecodeWeights, x: Tensor, pks: list[Tensor], pvs: list[Tensor], mask: Tensor,
-                   cks: list[Tensor], cvs: list[Tensor], step: int, write: bool = True,
-                   own=own_attention) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """All decoder layers + output head for one step. x (B, K, D) fp32 -> (logits (B, K, C_step), ks, vs)."""
-    layer_fn = _layer_encdec if cfg.arch == "encoder_decoder" else _layer_deconly
+                   cks: list[Tensor | None], cvs: list[Tensor | None], step: int
+                   ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """All decoder layers + output head for one step of an exported graph (fp32, no per-search
+    state). x (B, K, D) -> (logits (B, K, C_step), this step's k and v per layer)."""
     ks, vs = [], []
     for i, lw in enumerate(w.layers):
-        x, k, v = layer_fn(lw, x, pks[i], pvs[i], mask, cks[i], cvs[i], step,
-                           cfg.n_heads, cfg.d_head, w.eps, write, own)
+        x, k, v = _graph_layer(cfg, lw, x, pks[i], pvs[i], mask, cks[i], cvs[i], cfg.n_heads, cfg.d_head, w.eps)
         ks.append(k)
         vs.append(v)
-    hn = F.rms_norm(x, (x.shape[-1],), None, w.eps).to(w.dtype)
-    return F.linear(hn, w.level_emb[step]).float(), ks, vs
+    return F.linear(_norm(x, w.eps, w.dtype), w.level_emb[step]), ks, vs
 
 
-def step_mask(cfg, prefix_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, 1, 1, T) additive mask in the dtype each arch's attention wants (SDPA: the query's)."""
-    return prefix_mask.to(dtype) if cfg.arch == "encoder_decoder" and dtype == torch.float32 else prefix_mask.float()
-
-
-def context_mask(cfg, prefix_mask: Tensor, pvs: list[Tensor], dtype: torch.dtype, spelled_out: bool
-                 ) -> tuple[Tensor, list[Tensor]]:
-    """(mask, values) for the cross-attention, keeping torch's rule that a request with an empty
-    history (all keys masked) gets output 0, not NaN, when the softmax is spelled out (bf16 GEMMs,
-    exported graphs): its mask row becomes 0 (a harmless uniform softmax) and its values 0."""
-    mask = step_mask(cfg, prefix_mask, dtype)
-    if cfg.arch != "encoder_decoder" or not spelled_out:
+def context_mask(cfg, prefix_mask: Tensor, pvs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """(mask, values) for an exported step's cross-attention, with torch's rule that a request
+    whose history is empty (all keys masked) gets output 0, not NaN: its mask row becomes 0 and
+    its values 0. Decoder-only steps always have their own positions: nothing to do."""
+    mask = prefix_mask.float()
+    if cfg.arch != "encoder_decoder":
         return mask, pvs
-    has_ctx = (prefix_mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
-    return (torch.where(has_ctx, mask, torch.zeros_like(mask)),
-            [v * has_ctx.to(v.dtype) for v in pvs])  # (B, H, T, dh): tiny, once per step
-
-
-def run_decoder(model, w: DecodeWeights, x: Tensor, prefix, cache, step: int) -> Tensor:
-    """x (B, K, D) fp32 embedded inputs -> logits (B, K, C_step) in fp32, chunked over beams."""
-    B, K, _ = x.shape
-    cfg = model.cfg
-    dt = w.dtype
-    # Shared per request: cast once per step (a no-op when prefill ran in the compute dtype).
-    pks = [k.to(dt) for k in prefix.keys]
-    pvs = [v.to(dt) for v in prefix.values]
-    mask, pvs = context_mask(cfg, prefix.mask, pvs, dt, spelled_out=dt != torch.float32)
-    own = model.__dict__.get("_decode_own_attention", own_attention)
-    chunk = max(1, ROW_CHUNK // max(B, 1)) if x.device.type == "cpu" else K  # GPUs want one big step
-    outs = []
-    for k0 in range(0, K, chunk):
-        k1 = min(K, k0 + chunk)
-        logits, _, _ = decoder_layers(cfg, w, x[:, k0:k1], pks, pvs, mask,
-                                      [c[:, k0:k1] for c in cache.keys], [c[:, k0:k1] for c in cache.values], step,
-                                      own=own)
-        outs.append(logits)  # (B, Kc, C_step)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    has_ctx = (mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
+    return (torch.where(has_ctx, mask, torch.zeros_like(mask)), [v * has_ctx.to(v.dtype) for v in pvs])
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -20,7 +20,6 @@ from kernels.dispatch import get_beam_step
 from kernels.trie import PrefixTrie
 from model.beam_search import BeamResult, beam_search, encode_histories, score_items
 from model.bundle import Bundle, load_bundle
-from model.decode import enable_compiled_decode
 
 
 def cpu_has_native_bf16() -> bool:
@@ -67,9 +66,6 @@ class EngineOptions:
     # glibc: keep freed blocks up to 32 MB in the heap instead of unmapping them, so the per-step
     # activations of wide beams are not page-faulted afresh on every request (~5% at beam 1000).
     tune_malloc: bool = True
-    # torch.compile the per-beam self-attention (torch backend): ~5% at beam 1000 in bf16 on the
-    # dev CPU, for ~16 s of compilation at the first request. Off by default.
-    compile: bool = False
 
 
 class CatalogueIds:
@@ -125,8 +121,6 @@ class RecommendEngine(CatalogueIds):
         self._num_masked = 0
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
-        if self.options.compile and self.options.backend == "torch":
-            enable_compiled_decode(self.model)
         if self.options.backend == "onnx":
             from model.onnx_backend import OnnxDecoder  # onnxruntime only when asked for
 
@@ -169,12 +163,9 @@ class RecommendEngine(CatalogueIds):
                 if e:
                     ex[b, : len(e)] = torch.as_tensor(list(e), dtype=torch.int64)
         leaf_mask = self._leaf_mask if self._num_masked else None
-        # bf16: the per-beam cache holds the bf16 K/V the matmuls produce (lossless, half the bytes,
-        # ~7% faster at beam 256-1000 on the dev CPU); fp32 keeps an fp32 cache.
         with self._lock, torch.inference_mode(), self._autocast():
             return beam_search(self.decoder, self.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
-                               top_n, exclude_items=ex, leaf_mask=leaf_mask, beam_step=self.beam_step,
-                               cache_dtype=None if self.options.dtype == "bfloat16" else torch.float32)
+                               top_n, exclude_items=ex, leaf_mask=leaf_mask, beam_step=self.beam_step)
 
     def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
         """Log-likelihood (B, M) of each candidate item (internal indices; ragged rows padded -inf)."""

@@ -9,9 +9,9 @@ runs unchanged on it.
 
 The step graphs are pure functions: they read the prefix K/V and the whole per-beam cache
 (B, Kmax, H, L, dh) as plain tensors (zero-copy from torch), slice the positions they need, and
-return the logits plus this step's K/V, which the backend writes into the torch `BeamCache`; the
-cache's reordering stays torch's `BeamCache.reorder`. The step math is `model.decode`'s, traced
-with write=False, so it cannot drift from the torch path. It is not a training exporter.
+return the logits plus this step's K/V, which the backend writes into its `DenseBeamCache`. The
+step math is `model.decode.decoder_layers`, traced; tests hold it to the torch path. It is not a
+training exporter.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.decode import context_mask, decoder_layers, pack_weights
-from model.transformer import BeamCache, Prefix, SIDTransformer
+from model.transformer import Prefix, SIDTransformer
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 
 
@@ -103,9 +104,34 @@ class _StepGraph(nn.Module):
             pos = (src_len + step).clamp(max=m.pos.num_embeddings - 1)
             x = m.tok_emb(tokens) + m.pos(pos)[:, None, :]
         w = pack_weights(m, torch.float32)
-        mask, pvs = context_mask(m.cfg, mask, pvs, torch.float32, spelled_out=True)
-        logits, ks, vs = decoder_layers(m.cfg, w, x, pks, pvs, mask, cks, cvs, step, write=False)
+        mask, pvs = context_mask(m.cfg, mask, pvs)
+        logits, ks, vs = decoder_layers(m.cfg, w, x, pks, pvs, mask, cks, cvs, step)
         return (logits, *ks, *vs)
+
+
+@dataclass
+class DenseBeamCache:
+    """The step graphs' per-beam cache, preallocated for L steps: (B, K, H, L, dh) per layer, fp32."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @classmethod
+    def new(cls, cfg, batch: int, beams: int) -> "DenseBeamCache":
+        shape = (batch, beams, cfg.n_heads, cfg.num_levels, cfg.d_head)
+        n = cfg.n_dec_layers
+        return cls([torch.empty(shape) for _ in range(n)], [torch.empty(shape) for _ in range(n)])
+
+    def reorder(self, parents: Tensor, length: int) -> None:
+        """Make beam j of the next step continue from beam parents[:, j]; positions [0, length) move."""
+        B, k_new = parents.shape
+        k_max = self.keys[0].shape[1]
+        if k_new > k_max:
+            raise ValueError(f"cache holds {k_max} beams, asked for {k_new}")
+        flat = (parents + torch.arange(B)[:, None] * k_max).reshape(-1)  # (B*K',)
+        for c in self.keys + self.values:
+            g = c.view(B * k_max, *c.shape[2:])[:, :, :length].index_select(0, flat)  # a copy: safe to write back
+            c[:, :k_new, :, :length] = g.view(B, k_new, *g.shape[1:])
 
 
 def _cache_key(model: SIDTransformer) -> str:
@@ -163,7 +189,7 @@ def _export_all(model: SIDTransformer, out: Path) -> None:
                               **io)
         os.replace(tmp, out / "prefill.onnx")
         prefix = model.prefill(src, mask)
-        cache = model.new_cache(B, K, torch.device("cpu"), torch.float32)
+        cache = DenseBeamCache.new(cfg, B, K)
         for c in cache.keys + cache.values:
             c.normal_(generator=g)
         tokens = torch.randint(2, cfg.layout.vocab_size, (B, K), generator=g)
@@ -226,13 +252,10 @@ class OnnxDecoder:
         n = self.n_layers
         return Prefix(t[:n], t[n: 2 * n], t[2 * n])
 
-    def new_cache(self, batch: int, beams: int, device: torch.device, dtype: torch.dtype) -> BeamCache:
-        cfg = self.cfg
-        shape = (batch, beams, cfg.n_heads, cfg.num_levels, cfg.d_head)
-        n = self.n_layers  # fp32: the graphs are exported in fp32
-        return BeamCache([torch.empty(shape) for _ in range(n)], [torch.empty(shape) for _ in range(n)])
+    def new_cache(self, batch: int, beams: int, device: torch.device, dtype: torch.dtype) -> "DenseBeamCache":
+        return DenseBeamCache.new(self.cfg, batch, beams)  # fp32: the graphs are exported in fp32
 
-    def decode_step(self, prefix: Prefix, cache: BeamCache, tokens: Tensor, step: int,
+    def decode_step(self, prefix: Prefix, cache: "DenseBeamCache", tokens: Tensor, step: int,
                     src_len: Tensor | None = None) -> Tensor:
         n = self.n_layers
         feed = {"tokens": _np(tokens.long()), "mask": _np(prefix.mask.float())}
@@ -245,7 +268,7 @@ class OnnxDecoder:
         names = self.step_inputs[step]
         outs = self.step_sess[step].run(None, {k: v for k, v in feed.items() if k in names})
         K = tokens.shape[1]
-        for i in range(n):  # this step's K/V into the torch cache; reorder stays BeamCache's
+        for i in range(n):  # this step's K/V into the dense cache
             cache.keys[i][:, :K, :, step] = torch.from_numpy(outs[1 + i])
             cache.values[i][:, :K, :, step] = torch.from_numpy(outs[1 + n + i])
         return torch.from_numpy(outs[0])

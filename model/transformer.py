@@ -5,8 +5,8 @@ Both architectures expose the same two decoding entry points used by `model.beam
 * `prefill(src, src_mask)` runs the history once and returns a `Prefix` holding the per-layer
   keys/values every beam of a request attends to (the encoder's cross-attention K/V, or the
   decoder-only model's history cache). Beams index into it; nothing is copied per beam.
-* `decode_step(prefix, cache, tokens, step)` advances all beams by one SID level, writing the
-  new self-attention K/V into a `BeamCache` preallocated for L steps, and returns logits over
+* `decode_step(prefix, cache, tokens, step)` advances all beams by one SID level, appending the
+  new self-attention K/V to the search's `BeamCache`, and returns logits over
   that level's codebook only (each level owns a disjoint vocabulary slice). Its fast path (packed
   weights, bf16 under autocast, beam chunking) lives in `model.decode`; `forward` stays the
   training definition it is tested against.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import BOS_ID, PAD_ID, ModelConfig
-from model.decode import compute_dtype, decode_weights, run_decoder
+from model.decode import BeamCache, compute_dtype, decode_weights, prefill_decoder_only, run_decoder
 
 
 class RMSNorm(nn.Module):
@@ -112,31 +112,6 @@ class Prefix:
     keys: list[Tensor]
     values: list[Tensor]
     mask: Tensor  # (B, 1, 1, T) additive float mask: 0 for real tokens, -inf for padding
-
-
-@dataclass
-class BeamCache:
-    """Per-beam self-attention cache, preallocated for L steps: (B, K, H, L, dh) per layer."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-
-    def reorder(self, parents: Tensor, length: int) -> None:
-        """Make beam j of the next step continue from beam parents[:, j]. parents: (B, K').
-
-        Only the `length` positions written so far move, as one row gather per (request, beam).
-        """
-        B, k_new = parents.shape
-        c0 = self.keys[0]
-        k_max = c0.shape[1]
-        if k_new > k_max:
-            raise ValueError(f"cache holds {k_max} beams, asked for {k_new}")
-        flat = (parents + torch.arange(B, device=parents.device)[:, None] * k_max).reshape(-1)  # (B*K',)
-        for buf in (self.keys, self.values):
-            for c in buf:
-                rows = c.view(B * k_max, *c.shape[2:])[:, :, :length]  # (B*Kmax, H, length, dh)
-                g = rows.index_select(0, flat)  # (B*K', H, length, dh), a copy: safe to write back
-                c[:, :k_new, :, :length] = g.view(B, k_new, *g.shape[1:])
 
 
 def _additive_mask(src_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -276,29 +251,15 @@ class SIDTransformer(nn.Module):
             return Prefix(list(ks), list(vs), _additive_mask(src_mask, mem.dtype))
         pos = self._positions(src_mask)
         x = self.tok_emb(src) + self.pos(pos)
-        T = src.shape[1]
-        ar = torch.arange(T, device=src.device)  # comparisons, not tril/eye: both export to ONNX
-        allowed = ((ar[:, None] >= ar[None]) & src_mask[:, None, :]) | (ar[:, None] == ar[None])  # (B, T, T)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
-        ks, vs = [], []
-        for layer in self.decoder:
-            k, v = layer.attn.kv(layer.n1(x))
-            ks.append(k)
-            vs.append(v)
-            x = layer(x, mask[:, None])
-        return Prefix(ks, vs, _additive_mask(src_mask, x.dtype))
+        dtype = compute_dtype(src.device)
+        with torch.autocast(src.device.type, enabled=False):
+            ks, vs = prefill_decoder_only(self, decode_weights(self, dtype), x.float(), src_mask)
+        return Prefix(ks, vs, _additive_mask(src_mask, torch.float32))
 
     def new_cache(self, batch: int, beams: int, device: torch.device, dtype: torch.dtype) -> BeamCache:
-        """Per-beam self-attention K/V for L steps, (B, K, H, L, dh) per layer.
-
-        Uninitialised on purpose: a position is always written before it is read, and zero-filling
-        tens of MB per request at wide beams costs more than a decoder layer.
-        """
-        cfg = self.cfg
-        shape = (batch, beams, cfg.n_heads, self.L, cfg.d_head)
-        n = len(self.decoder)
-        return BeamCache([torch.empty(shape, device=device, dtype=dtype) for _ in range(n)],
-                         [torch.empty(shape, device=device, dtype=dtype) for _ in range(n)])
+        """An empty per-search cache; each decode step appends its position's K/V (see `BeamCache`).
+        The shape arguments are those of the `Decoder` protocol: this cache needs none of them."""
+        return BeamCache.empty(len(self.decoder))
 
     @torch.no_grad()
     def decode_step(self, prefix: Prefix, cache: BeamCache, tokens: Tensor, step: int,

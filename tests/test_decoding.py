@@ -24,6 +24,22 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(autouse=True, params=["direct", "absorbed+chunks"])
+def decode_form(request, monkeypatch):
+    """Every test runs with the beams attending to the context directly, and again in absorbed
+    form (query/output projections folded into the context) with beam chunks of 3 rows."""
+    import model.decode as decode
+
+    if request.param == "direct":
+        monkeypatch.setattr(decode, "ABSORB_MIN_BEAMS", 10**9)
+    else:
+        monkeypatch.setattr(decode, "ABSORB_MIN_BEAMS", 1)
+        monkeypatch.setattr(decode, "ROW_CHUNK", 3)
+    return request.param
+
+
 CARDS = (5, 4, 3, 2)
 
 

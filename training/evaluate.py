@@ -71,7 +71,7 @@ def rank_users(model: SIDTransformer, trie: PrefixTrie, sid_map: torch.Tensor, h
         src, mask = encode_histories([histories[i] for i in idx], sid_dev, model.offsets,
                                      model.cfg.max_history, device)
         with ac:
-            res = beam_search(model, trie, src, mask, beam, top_n, cache_dtype=torch.float32, **kwargs)
+            res = beam_search(model, trie, src, mask, beam, top_n, **kwargs)
         out[idx] = res.items.cpu().numpy()
     model.train(was_training)
     return out
