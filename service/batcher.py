@@ -1,12 +1,12 @@
 """Dynamic batcher: many concurrent requests -> few engine calls, on one worker thread.
 
 Requests become `Job`s on a bounded asyncio queue. A collector task takes the oldest job, then
-keeps taking jobs until `max_batch_size` requests are gathered or the oldest has waited
-`max_queue_delay_ms` (it only waits while requests arrive less than two delays apart on average:
-a lone client is not made to wait for company that never comes), and hands the group to a single
-worker thread (the engine is synchronous
-torch and not re-entrant). While that thread decodes, new requests queue up, so under load the
-next group fills at once: batch size grows with load and costs nothing when idle.
+keeps taking jobs until `max_batch_size` requests are gathered or `max_queue_delay_ms` has passed
+since the engine became free for them (it only waits while requests arrive less than two delays
+apart on average: a lone client is not made to wait for company that never comes), and hands the
+group to a single worker thread (the engine is synchronous torch and not re-entrant). While that
+thread decodes, new requests queue up, so under load the next group fills at once: batch size
+grows with load and costs nothing when idle.
 
 Inside a group, recommendations are sorted by beam width and cut into engine calls such that
 (a) each call holds <= max_batch_size requests, (b) calls x widest beam <= max_batch_beams
@@ -208,11 +208,17 @@ class DynamicBatcher:
                 # Waiting for company only pays when requests arrive closer together than the
                 # delay; a lone client (gaps of a whole decode) would just lose the delay.
                 patient = self._gap_s < 2 * self.delay_s
+                # The delay runs from now, when the engine is free for this group, not from the
+                # oldest request's arrival: under load the oldest has queued through a whole
+                # decode, and the clients just answered come back within the delay. Waiting for
+                # them makes one full batch instead of two half batches taking turns, which costs
+                # every request a second decode (the engine's cost per request falls with size).
+                until = time.monotonic() + self.delay_s
                 while n < self.max_batch_size:
                     try:
                         nxt = self._queue.get_nowait()
                     except asyncio.QueueEmpty:
-                        wait = job.enqueued + self.delay_s - time.monotonic()
+                        wait = until - time.monotonic()
                         if wait <= 0 or not patient:
                             break
                         try:

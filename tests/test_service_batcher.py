@@ -171,3 +171,47 @@ def test_abandoned_job_frees_its_queue_slot_at_once():
     assert full, "the third request must find the queue full"
     assert all(isinstance(o, DeadlineExceeded) for o in outcomes)
     assert admitted, "a request after the timeouts must be queued, not turned away"
+
+
+def test_queue_delay_runs_from_when_the_engine_is_free():
+    """Requests that queued through a whole decode still wait up to max_queue_delay for company
+    once the engine is free: a client answered a moment ago joins them in one call instead of
+    starting a second, half-empty one."""
+    import threading
+
+    import torch
+
+    from model.beam_search import BeamResult
+
+    release = threading.Event()
+
+    class RecordingEngine:
+        def __init__(self) -> None:
+            self.sizes = []
+
+        def recommend(self, histories, beam_width, top_n, exclude=None):
+            n = len(histories)
+            self.sizes.append(n)
+            return BeamResult(torch.zeros(n, top_n, dtype=torch.long), torch.zeros(n, top_n, 3, dtype=torch.long),
+                              torch.zeros(n, top_n), torch.full((n,), top_n))
+
+    async def scenario():
+        eng = RecordingEngine()
+        b = DynamicBatcher(eng, max_queue_delay_ms=100.0, max_batch_size=32)
+        b.start()
+        blocker = asyncio.ensure_future(b.run_exclusive(release.wait))  # the engine is busy
+        entry = RecommendEntry([1], 4, 2)
+        first = [asyncio.ensure_future(b.recommend([entry])) for _ in range(4)]
+        await asyncio.sleep(0.15)  # group 1 formed, waiting for the engine
+        queued = [asyncio.ensure_future(b.recommend([entry])) for _ in range(4)]
+        await asyncio.sleep(0.25)  # these have now waited longer than the delay
+        release.set()
+        await blocker
+        await asyncio.gather(*first)
+        await asyncio.sleep(0.02)  # a client answered just now sends its next request
+        late = asyncio.ensure_future(b.recommend([entry]))
+        await asyncio.gather(*queued, late)
+        await b.stop()
+        return eng.sizes
+
+    assert run(scenario()) == [4, 5]
