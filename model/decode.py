@@ -148,34 +148,52 @@ def _softmax_small(s: Tensor) -> Tensor:
 
 
 # ---- prefill (decoder-only) ------------------------------------------------------------------
-def prefill_decoder_only(model, w: DecodeWeights, x: Tensor, src_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Run the history once through the packed layers. x (B, T, D) fp32 embedded history,
-    src_mask (B, T) bool. Returns per-layer keys/values (B, H, T, dh) in the compute dtype.
+@dataclass
+class FirstStep:
+    """The BOS step, which every beam of a request shares, computed with the history's prefill:
+    logits (B, 1, C_0) fp32 and per-layer keys/values (B, 1, H, dh) in the compute dtype."""
 
-    The last layer's attention output and feed-forward are not computed: nothing reads them
-    (the beams read only the history's keys and values)."""
+    logits: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
+
+
+def prefill_decoder_only(model, w: DecodeWeights, x: Tensor, src_mask: Tensor
+                         ) -> tuple[list[Tensor], list[Tensor], FirstStep]:
+    """Run the history and then BOS once through the packed layers: BOS is only the next token
+    of the same causal stream, so step 0 costs one more row here rather than a decoder pass.
+
+    x (B, T + 1, D) fp32: the embedded history (left-padded) then BOS; src_mask (B, T) bool.
+    Returns the history's per-layer keys/values (B, H, T, dh) in the compute dtype and the
+    `FirstStep`. In the last layer only the BOS row goes past the K/V projection: nothing reads
+    the history's outputs there."""
     cfg = model.cfg
-    B, T, _ = x.shape
+    B, T1, _ = x.shape
+    T = T1 - 1
     h, dh = cfg.n_heads, cfg.d_head
-    ar = torch.arange(T, device=x.device)  # comparisons, not tril/eye: both export to ONNX
-    allowed = ((ar[:, None] >= ar[None]) & src_mask[:, None, :]) | (ar[:, None] == ar[None])  # (B, T, T)
+    keep = torch.cat([src_mask, src_mask.new_ones(B, 1)], 1)
+    ar = torch.arange(T1, device=x.device)  # comparisons, not tril/eye: both export to ONNX
+    allowed = ((ar[:, None] >= ar[None]) & keep[:, None, :]) | (ar[:, None] == ar[None])  # (B, T1, T1)
     mask = torch.zeros(allowed.shape, dtype=w.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
-    mask = mask.repeat_interleave(h, 0)  # (B*H, T, T), one per (request, head)
-    ks, vs = [], []
+    mask = mask.repeat_interleave(h, 0)  # (B*H, T1, T1), one per (request, head)
+    ks, vs, k0, v0 = [], [], [], []
     for i, lw in enumerate(w.layers):
         q, k, v = (t.transpose(1, 2) for t in _split_heads(F.linear(_norm(x, w.eps, w.dtype), lw.qkv), h, dh))
-        ks.append(k.contiguous())
-        vs.append(v.contiguous())
-        if i == len(w.layers) - 1:
-            break
+        ks.append(k[:, :, :T].contiguous())
+        vs.append(v[:, :, :T].contiguous())
+        k0.append(k[:, :, T:].transpose(1, 2))  # (B, 1, H, dh)
+        v0.append(v[:, :, T:].transpose(1, 2))
+        if i == len(w.layers) - 1:  # only BOS needs this layer's output
+            q, mask, x = q[:, :, T:], mask[:, T:], x[:, T:]
         # q carries 1/sqrt(dh). Two GEMMs and an fp32 softmax: 3x faster than the CPU flash
         # kernel at T = 60 in bf16, and what an exported graph wants anyway.
-        p = torch.softmax(torch.baddbmm(mask, q.flatten(0, 1), ks[-1].flatten(0, 1).transpose(1, 2)), -1,
-                          dtype=torch.float32)  # (B*H, T, T)
-        o = torch.bmm(p.to(w.dtype), vs[-1].flatten(0, 1)).view(B, h, T, dh)
-        x = x + F.linear(o.transpose(1, 2).reshape(B, T, h * dh), lw.o)
+        p = torch.softmax(torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2)), -1,
+                          dtype=torch.float32)  # (B*H, rows, T1)
+        o = torch.bmm(p.to(w.dtype), v.flatten(0, 1)).view(B, h, -1, dh)
+        x = x + F.linear(o.transpose(1, 2).reshape(B, -1, h * dh), lw.o)
         x = _ffn(lw, x, w.eps)
-    return ks, vs
+    logits = F.linear(_norm(x, w.eps, w.dtype), w.level_emb[0]).float()  # (B, 1, C_0)
+    return ks, vs, FirstStep(logits, k0, v0)
 
 
 # ---- the per-search cache ----------------------------------------------------------------------

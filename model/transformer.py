@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import BOS_ID, PAD_ID, ModelConfig
-from model.decode import BeamCache, compute_dtype, decode_weights, prefill_decoder_only, run_decoder
+from model.decode import BeamCache, FirstStep, compute_dtype, decode_weights, prefill_decoder_only, run_decoder
 
 
 class RMSNorm(nn.Module):
@@ -112,6 +112,7 @@ class Prefix:
     keys: list[Tensor]
     values: list[Tensor]
     mask: Tensor  # (B, 1, 1, T) additive float mask: 0 for real tokens, -inf for padding
+    first: FirstStep | None = None  # decoder-only: step 0, computed with the history
 
 
 def _additive_mask(src_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -249,12 +250,14 @@ class SIDTransformer(nn.Module):
             mem = self.encode(src, src_mask)
             ks, vs = zip(*(layer.cross.kv(mem) for layer in self.decoder))
             return Prefix(list(ks), list(vs), _additive_mask(src_mask, mem.dtype))
-        pos = self._positions(src_mask)
-        x = self.tok_emb(src) + self.pos(pos)
+        B = src.shape[0]
+        bos = torch.full((B, 1), BOS_ID, dtype=src.dtype, device=src.device)
+        pos = torch.cat([self._positions(src_mask), src_mask.sum(1, keepdim=True)], 1)  # BOS at src_len
+        x = self.tok_emb(torch.cat([src, bos], 1)) + self.pos(pos.clamp(max=self.pos.num_embeddings - 1))
         dtype = compute_dtype(src.device)
         with torch.autocast(src.device.type, enabled=False):
-            ks, vs = prefill_decoder_only(self, decode_weights(self, dtype), x.float(), src_mask)
-        return Prefix(ks, vs, _additive_mask(src_mask, torch.float32))
+            ks, vs, first = prefill_decoder_only(self, decode_weights(self, dtype), x.float(), src_mask)
+        return Prefix(ks, vs, _additive_mask(src_mask, torch.float32), first)
 
     def new_cache(self, batch: int, beams: int, device: torch.device, dtype: torch.dtype) -> BeamCache:
         """An empty per-search cache; each decode step appends its position's K/V (see `BeamCache`).
@@ -264,7 +267,8 @@ class SIDTransformer(nn.Module):
     @torch.no_grad()
     def decode_step(self, prefix: Prefix, cache: BeamCache, tokens: Tensor, step: int,
                     src_len: Tensor | None = None) -> Tensor:
-        """Advance K beams by one level. tokens (B, K): the previous level's token (BOS at step 0).
+        """Advance K beams by one level. tokens (B, K): the previous level's token (BOS at step 0;
+        the decoder-only model computed that step in `prefill` and only hands it out here).
 
         Returns fp32 logits (B, K, C_step) over the codebook of level `step`.
         src_len (B,) real history lengths, needed only by the decoder-only variant's positions.
@@ -272,6 +276,11 @@ class SIDTransformer(nn.Module):
         with the residual stream, norms and softmax in fp32.
         """
         dtype = compute_dtype(tokens.device)
+        if step == 0 and prefix.first is not None:  # decoder-only: the prefill already ran BOS
+            if cache.length:
+                raise ValueError(f"decode step 0 needs an empty cache, it holds {cache.length} positions")
+            cache.append(prefix.first.keys, prefix.first.values)  # one position shared by every beam
+            return prefix.first.logits.expand(-1, tokens.shape[1], -1)
         if self.cfg.arch == "encoder_decoder":
             x = self.tok_emb(tokens) + self.dec_pos.weight[step]  # (B, K, D)
         else:
