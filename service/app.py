@@ -29,11 +29,13 @@ router = APIRouter()
 _bearer = HTTPBearer(auto_error=False)
 
 
-def runtime(request: Request) -> ServiceRuntime:
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in its thread pool, one
+# thread hop (and GIL hand-over) per request for what is an attribute read.
+async def runtime(request: Request) -> ServiceRuntime:
     return request.app.state.runtime
 
 
-def admin(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def admin(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     settings: Settings = request.app.state.settings
     if not settings.admin_enabled:
         raise APIError(403, "admin_disabled", "admin endpoints are disabled; set SIDREC_ADMIN_TOKEN to enable them")
