@@ -18,7 +18,10 @@ parameters, and only re-packs them for decoding:
   into the context keys (A = Wq_h^T K_h, so scores = x_norm @ A) and the output projection into
   its values (Wo_h V_h), once per search. The beams' scores and outputs then come out of one GEMM
   each, already in the (batch, beam, head) layout, with no per-step transposes of q, p or o.
-  Narrow steps (step 0, small beams) attend directly: folding costs more than it saves there.
+  Narrow steps (under `ABSORB_MIN_BEAMS` beams: the encoder-decoder's step 0, small beams)
+  attend directly: folding costs more than it saves there.
+* The decoder-only prefill runs BOS as the next token of the history (`prefill_decoder_only`),
+  so step 0 costs one row of the prefill instead of a decoder pass.
 * Each beam's own positions (its parents' codes and itself, at most L) are dot products done
   elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4.
 * Large steps (B*K rows above `ROW_CHUNK`) run in beam chunks, so the d_ff-wide activations stay
@@ -27,9 +30,10 @@ parameters, and only re-packs them for decoding:
 Measured on the 2-core AVX-512-BF16 dev CPU, bf16, the Beauty model (4 layers, 3-code SIDs), one
 step of 32 requests x 256 beams: absorbed 101 ms vs direct 111 ms (the direct form's per-head
 GEMMs are tiny and need q, p and o transposed); chunks of 8192 rows 88-98 ms vs 2048 rows
-120-130 ms. Against the previous design (a dense (B, K, H, L, dh) cache written per beam, the
-history attended directly), the whole search at 32 x 256 went from 340 to 201 ms and at 1 x 100
-from 26-32 to 20-22 ms (benchmarks/engine_bench.py and README: Serving for the sweep).
+120-130 ms. Against the previous design (a dense (B, K, H, L, dh) cache written per beam and
+first touched by the BOS copy, the history attended directly, step 0 a decoder pass), the whole
+search at 32 x 256 went from 345-351 to 196-207 ms and at 1 x 100 from 25-27 to 18 ms
+(benchmarks/engine_scaling.py, best of 7, the two versions run alternately; README: Service).
 
 The exported graphs of the ONNX backend trace `decoder_layers` (plain tensors in, plain tensors
 out, the whole per-beam cache as one input); it computes the same step without the per-search
