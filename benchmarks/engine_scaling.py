@@ -9,7 +9,8 @@ free HTTP and perfect batching. This measures that bound directly: `p99_bound_ov
 (ms per call at batch 32) / (ms per call at batch 1); the target needs it <= 4. Each config
 reports the median and the best of `--reps` timed calls after two warm-up calls; the bounds use
 the best (on a shared VM the median carries the neighbours' load, the best the code's cost).
-Histories are 20 random catalogue items. Without BUNDLE the service benchmark's synthetic bundle is built (or reused). To compare
+Histories are 20 random catalogue items. With `--device cuda` each call ends with its answer on the
+host (the phase split then shows only launch time: the GPU runs asynchronously). Without BUNDLE the service benchmark's synthetic bundle is built (or reused). To compare
 two versions of the code, run this script from a worktree of each, alternately. Prints a table,
 then one JSON line.
 """
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "auto"))
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda ...")
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--beams", type=int, nargs="+", default=list(BEAMS))
     a = ap.parse_args()
@@ -81,7 +83,8 @@ def main() -> None:
 
         bundle = synthetic_bundle(ROOT / "build" / "bench-bundle-tiger", "tiger")
     torch.set_num_threads(a.threads)
-    eng = RecommendEngine.from_path(str(bundle), EngineOptions(dtype=a.dtype, num_threads=a.threads))
+    eng = RecommendEngine.from_path(str(bundle), EngineOptions(dtype=a.dtype, num_threads=a.threads, device=a.device))
+    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
     phases = Phases(eng)
     rng = random.Random(0)
     rows, out = [], {}
@@ -93,8 +96,9 @@ def main() -> None:
             times, split = [], {}
             for _ in range(a.reps):
                 phases.t.clear()
+                sync()
                 t0 = time.perf_counter()
-                eng.recommend(hist, beam, TOP_N)
+                eng.recommend(hist, beam, TOP_N).items.cpu()  # the answer on the host, as a caller needs it
                 times.append(time.perf_counter() - t0)
                 for k, v in phases.t.items():
                     split.setdefault(k, []).append(v)
@@ -111,7 +115,7 @@ def main() -> None:
                                   "p99_bound_over_p50": round(by[32] / by[1], 2)}
             print(f"beam {beam}: throughput at batch 32 = {out[f'beam{beam}']['scaling_32_over_1']}x batch 1; "
                   f"p99(32 clients) / p50(1 client) >= {out[f'beam{beam}']['p99_bound_over_p50']} (target <= 4)")
-    print(json.dumps({"bench": "engine_scaling", "bundle": str(bundle), "threads": a.threads,
+    print(json.dumps({"bench": "engine_scaling", "bundle": str(bundle), "device": a.device, "threads": a.threads,
                       "dtype": eng.options.dtype, "reps": a.reps, "rows": rows, "bounds": out,
                       "loadavg_1min": round(os.getloadavg()[0], 2)}))
 

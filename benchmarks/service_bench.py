@@ -1,7 +1,7 @@
 """Service throughput/latency sweep: HTTP at 1, 8, 32 clients x beam 100, 256, batching on vs off,
 and the engine alone (no HTTP) at the batch sizes the batcher formed — all in one run.
 
-    .venv/bin/python benchmarks/service_bench.py [BUNDLE] [--threads 2] [--seconds 6]
+    .venv/bin/python benchmarks/service_bench.py [BUNDLE] [--threads 2] [--seconds 6] [--device cuda]
 
 The server is the real app under uvicorn in a subprocess on 127.0.0.1 (one worker, the CLI's
 `serve`); clients are async httpx in this process, each sending its next request when the last
@@ -74,10 +74,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, port: int, batching: bool, threads: int, dtype: str) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, batching: bool, threads: int, dtype: str,
+                 device: str = "cpu") -> subprocess.Popen:
     env = dict(os.environ, SIDREC_MAX_BEAM_WIDTH="256", SIDREC_DEFAULT_BEAM_WIDTH="100", SIDREC_MAX_BATCH_SIZE="32",
                SIDREC_MAX_QUEUE_SIZE="512", SIDREC_LOG_LEVEL="warning", OMP_NUM_THREADS=str(threads),
-               SIDREC_DTYPE=dtype)
+               SIDREC_DTYPE=dtype, SIDREC_DEVICE=device)
     env.pop("SIDREC_REDIS_URL", None)
     cmd = [sys.executable, "-m", "service", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
            "--port", str(port), "--num-threads", str(threads)] + ([] if batching else ["--no-batching"])
@@ -187,13 +188,13 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 
 def engine_alone(bundle: Path, threads: int, dtype: str, points: list[tuple[int, int]],
-                 hist_ids: list[list[str]], seconds: float) -> dict:
+                 hist_ids: list[list[str]], seconds: float, device: str = "cpu") -> dict:
     import torch
 
     from model.engine import EngineOptions, RecommendEngine
 
     torch.set_num_threads(threads)
-    engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads, dtype=dtype))
+    engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads, dtype=dtype, device=device))
     hist = [engine.to_internal(h)[0] for h in hist_ids]
     out = {}
     for beam, b in points:
@@ -206,8 +207,9 @@ def engine_alone(bundle: Path, threads: int, dtype: str, points: list[tuple[int,
             n += 1
         n, t0 = 0, time.perf_counter()
         while n < 3 or (time.perf_counter() - t0 < seconds and n < 200):
-            engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
+            res = engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
             n += 1
+        res.items.cpu()  # on a GPU, wait for the queued work (the server's answers read it back too)
         dt = (time.perf_counter() - t0) / n
         out[(beam, b)] = {"beam": beam, "batch": b, "ms_per_call": round(dt * 1000, 1), "rps": round(b / dt, 2)}
     return out
@@ -222,6 +224,7 @@ def main() -> None:
                     "(1: on a shared 2-core host, 2 OpenMP threads stall whenever one is descheduled)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="engine dtype of the servers and the engine-alone run (bfloat16 pays on CPUs with AMX)")
+    ap.add_argument("--device", default="cpu", help="engine device of the servers and the engine-alone run (cpu, cuda)")
     ap.add_argument("--seconds", type=float, default=5.0, help="time cap per config and round")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the whole sweep (pooled)")
     ap.add_argument("--max-requests", type=int, default=96, help="request cap per config at 32 clients "
@@ -236,7 +239,8 @@ def main() -> None:
     try:
         for batching in (True, False):
             port = free_port()
-            servers[batching] = (start_server(bundle, port, batching, a.threads, a.dtype), f"http://127.0.0.1:{port}")
+            servers[batching] = (start_server(bundle, port, batching, a.threads, a.dtype, a.device),
+                                f"http://127.0.0.1:{port}")
         raw: dict[tuple, list] = {}
         batches: dict[tuple, list] = {}
         for rnd in range(a.rounds):
@@ -266,7 +270,7 @@ def main() -> None:
     by = {(r["batching"], r["beam"], r["concurrency"]): r for r in results}
     points = sorted({(beam, max(1, round(by[(True, beam, 32)]["mean_batch"] or 1))) for beam in BEAMS}
                     | {(beam, 1) for beam in BEAMS})
-    eng = engine_alone(bundle, a.threads, a.dtype, points, hist, min(a.seconds, 4.0))
+    eng = engine_alone(bundle, a.threads, a.dtype, points, hist, min(a.seconds, 4.0), a.device)
     for e in eng.values():
         print(f"engine alone beam={e['beam']:4d} batch={e['batch']:3d}  {e['ms_per_call']:8.1f} ms/call  rps={e['rps']:8.2f}")
     ratios = {}
@@ -281,8 +285,8 @@ def main() -> None:
         }
         print(f"beam {beam}: " + ", ".join(f"{k}={v}" for k, v in ratios[f'beam{beam}'].items()))
     targets = {"service32_over_engine": ">=0.8", "batching_on_over_off_at32": ">=2", "p99_at32_over_p50_at1": "<=4"}
-    print(json.dumps({"bench": "service", "bundle": str(bundle), "threads": a.threads, "dtype": a.dtype,
-                      "rounds": a.rounds,
+    print(json.dumps({"bench": "service", "bundle": str(bundle), "device": a.device, "threads": a.threads,
+                      "dtype": a.dtype, "rounds": a.rounds,
                       "configs": results,
                       "engine": list(eng.values()), "ratios": ratios, "targets": targets}))
 
