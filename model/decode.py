@@ -63,6 +63,10 @@ class LayerWeights:
     co: Tensor | None  # (D, I)
     up: Tensor  # (F, D)
     down: Tensor  # (D, F)
+    # The context attention's projections per head, for its absorbed form (`build_context`):
+    # query (H, dh, D) with the softmax scale in, output (H, dh, D) = Wo_h^T.
+    ctx_q: Tensor
+    ctx_o: Tensor
 
 
 @dataclass
@@ -81,18 +85,25 @@ def _signature(model) -> tuple:
 def pack_weights(model, dtype: torch.dtype) -> DecodeWeights:
     """Re-pack `model`'s decoder parameters for decoding in `dtype` (no caching; traceable)."""
     layers = []
-    encdec = model.cfg.arch == "encoder_decoder"
+    cfg = model.cfg
+    encdec = cfg.arch == "encoder_decoder"
+    H, dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
     for layer in model.decoder:
         sa = layer.self_attn if encdec else layer.attn
         scale = 1.0 / math.sqrt(sa.dh)
         # W @ (g * x_hat) == (W * g) @ x_hat: each norm's gain g goes into the next projection.
         qkv = torch.cat([sa.q.weight * scale, sa.k.weight, sa.v.weight], 0) * layer.n1.weight
         ff_gain = (layer.n3 if encdec else layer.n2).weight
+        cq = layer.cross.q.weight * layer.n2.weight if encdec else None
+        ctx_q = cq * scale if encdec else qkv[: H * dh]  # the context's query: cross, or this attention's
+        ctx_o = (layer.cross.o if encdec else sa.o).weight
         layers.append(LayerWeights(
             qkv=qkv.to(dtype).contiguous(), o=sa.o.weight.to(dtype),
-            cq=(layer.cross.q.weight * layer.n2.weight).to(dtype) if encdec else None,
+            cq=cq.to(dtype) if encdec else None,
             co=layer.cross.o.weight.to(dtype) if encdec else None,
-            up=(layer.ff.up.weight * ff_gain).to(dtype), down=layer.ff.down.weight.to(dtype)))
+            up=(layer.ff.up.weight * ff_gain).to(dtype), down=layer.ff.down.weight.to(dtype),
+            ctx_q=ctx_q.reshape(H, dh, D).to(dtype).contiguous(),
+            ctx_o=ctx_o.reshape(D, H, dh).permute(1, 2, 0).to(dtype).contiguous()))
     emb = model.tok_emb.weight
     lv = [(emb[o: o + c] * (model.cfg.d_model ** -0.5) * model.dec_norm.weight).to(dtype).contiguous()
           for o, c in zip(model.offsets, model.cards)]
@@ -276,26 +287,26 @@ class Context:
     bv: Tensor | None = None
 
 
-def build_context(keys: Tensor, values: Tensor, mask: Tensor, wq: Tensor, wo: Tensor, scale: float,
+def build_context(keys: Tensor, values: Tensor, mask: Tensor, w: LayerWeights, scale: float,
                   slots: int, absorbed: bool) -> Context:
-    """keys/values (B, H, T, dh) and mask (B, 1, 1, T) -> `Context` in wq's dtype.
-    wq (I, D): the query projection (norm gain folded in); wo (D, I): the output projection."""
+    """keys/values (B, H, T, dh) and mask (B, 1, 1, T) -> `Context` in the weights' dtype.
+    w.ctx_q / w.ctx_o: the attention's per-head query and output projections (absorbed form);
+    `scale` is the query scale the direct form folds into the keys (1 where q carries it)."""
     B, H, T, dh = keys.shape
-    dt = wq.dtype
+    dt = w.ctx_q.dtype
     mask = mask.to(dt)
     if slots:
         z = keys.new_zeros(B, H, slots, dh)
         keys, values = torch.cat([keys, z], 2), torch.cat([values, z], 2)
     S = T + slots
     if absorbed:
-        D = wq.shape[1]
+        D = w.ctx_q.shape[2]
         # s[b,k,h,t] = (Wq_h xn) . K[b,h,t] = xn . (Wq_h^T K[b,h,t]);  o = sum_h Wo_h (sum_t p V) = p @ (V Wo_h^T)
         # One GEMM per head over all requests' positions: (H, B*S, dh) @ (H, dh, D).
         def fold(t: Tensor, w: Tensor) -> Tensor:
             out = torch.bmm(t.to(dt).transpose(0, 1).reshape(H, B * S, dh), w)  # (H, B*S, D)
             return out.view(H, B, S, D).transpose(0, 1).reshape(B, H * S, D)
-        a = fold(keys, (wq.view(H, dh, D) * scale).to(dt))
-        bv = fold(values, wo.view(D, H, dh).permute(1, 2, 0).contiguous())
+        a, bv = fold(keys, w.ctx_q), fold(values, w.ctx_o)
         return Context(mask.expand(-1, -1, H, -1).reshape(B, 1, H * S), T, slots, a=a, bv=bv)
     return Context(mask, T, slots, keys_t=(keys.to(dt) * scale).transpose(-1, -2).contiguous(),
                    values=values.to(dt).contiguous())
@@ -376,7 +387,7 @@ def _contexts(model, w: DecodeWeights, prefix, cache: BeamCache, shared: list[in
             # not NaN: its mask row becomes 0 (a harmless uniform softmax) and its values 0.
             has = (mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
             mask, vals = torch.where(has, mask, torch.zeros_like(mask)), vals * has.to(vals.dtype)
-            ctxs.append(build_context(keys, vals, mask, lw.cq, lw.co, cfg.d_head ** -0.5, 0, absorbed))
+            ctxs.append(build_context(keys, vals, mask, lw, cfg.d_head ** -0.5, 0, absorbed))
             continue
         if shared:  # positions decoded once for all beams join the history
             keys = torch.cat([keys] + [cache.keys[i][j].transpose(1, 2).to(w.dtype) for j in shared], 2)
@@ -384,7 +395,7 @@ def _contexts(model, w: DecodeWeights, prefix, cache: BeamCache, shared: list[in
             mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], len(shared))], -1)
         slots = model.L - len(shared)  # room for every own position a later step can have
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], slots)], -1)
-        ctxs.append(build_context(keys, vals, mask, lw.qkv[: cfg.n_heads * cfg.d_head], lw.o, 1.0, slots, absorbed))
+        ctxs.append(build_context(keys, vals, mask, lw, 1.0, slots, absorbed))
     cache.contexts[key] = ctxs
     return ctxs
 
