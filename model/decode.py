@@ -34,6 +34,8 @@ GEMMs are tiny and need q, p and o transposed); chunks of 8192 rows 88-98 ms vs 
 first touched by the BOS copy, the history attended directly, step 0 a decoder pass), the whole
 search at 32 x 256 went from 345-351 to 196-207 ms and at 1 x 100 from 25-27 to 18 ms
 (benchmarks/engine_scaling.py, best of 7, the two versions run alternately; README: Service).
+Measured and not taken: torch.compile of the decoder-only step (dynamic shapes) compiled in 33 s
+and ran slower, 16 -> 21 ms at 1 x 100 and 98 -> 201 ms at 32 x 100.
 
 The exported graphs of the ONNX backend trace `decoder_layers` (plain tensors in, plain tensors
 out, the whole per-beam cache as one input); it computes the same step without the per-search
