@@ -8,6 +8,7 @@
 #   3. benchmarks/service_bench.py on the GPU: the service sweep itself.
 #
 #   bash benchmarks/gpu_session.sh [BUNDLE]          # writes logs and JSON under $OUT (or ./gpu-out)
+#   DEVICE=cpu bash benchmarks/gpu_session.sh        # a short rehearsal on the CPU (gpu_check --dry-run)
 #
 # BUNDLE defaults to the synthetic TIGER-size bundle. The service sweep needs the `serve` extra's
 # packages; where the machine has no index to install from, carry them as wheels in .whl/ (they
@@ -24,22 +25,27 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 BUNDLE=${1:-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then  # rehearsal: tiny kernel check, fewer engine points, a short sweep
+  CHECK=(--dry-run) SCALE=(--batches 1 32 --beams 100 --reps 2) SWEEP=(--seconds 1 --rounds 1 --max-requests 32)
+else
+  CHECK=(--beams 100 256 1000 --batches 1 32 64) SCALE=() SWEEP=(--max-requests 320 --rounds 2)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
 
 echo "== 1/3 kernels.gpu_check"
-timeout 330 "$PY" -m kernels.gpu_check --beams 100 256 1000 --batches 1 32 64 --out "$OUT/gpu_check.json" \
-  > "$OUT/gpu_check.log" 2>&1
+timeout 330 "$PY" -m kernels.gpu_check "${CHECK[@]}" --out "$OUT/gpu_check.json" > "$OUT/gpu_check.log" 2>&1
 echo "rc $?"; tail -3 "$OUT/gpu_check.log" | cut -c1-400
 
-echo "== 2/3 engine_scaling (cuda, bf16)"
-timeout 120 "$PY" benchmarks/engine_scaling.py $BUNDLE --device cuda --dtype bfloat16 --threads 4 \
+echo "== 2/3 engine_scaling ($DEVICE, bf16)"
+timeout 120 "$PY" benchmarks/engine_scaling.py $BUNDLE --device "$DEVICE" --dtype bfloat16 --threads 4 "${SCALE[@]}" \
   > "$OUT/engine_scaling.log" 2>&1
 echo "rc $?"; grep -E "^beam [0-9]+:" "$OUT/engine_scaling.log"
 
-echo "== 3/3 service_bench (cuda, bf16)"
+echo "== 3/3 service_bench ($DEVICE, bf16)"
 if "$PY" -c "import fastapi, uvicorn, pydantic_settings" 2>/dev/null; then
-  timeout 240 "$PY" benchmarks/service_bench.py ${BUNDLE:---model tiger} --device cuda --dtype bfloat16 --threads 4 \
-    --max-requests 320 --rounds 2 > "$OUT/service_bench.log" 2>&1
+  timeout 240 "$PY" benchmarks/service_bench.py ${BUNDLE:---model tiger} --device "$DEVICE" --dtype bfloat16 --threads 4 \
+    "${SWEEP[@]}" > "$OUT/service_bench.log" 2>&1
   echo "rc $?"; grep -E "^beam [0-9]+:" "$OUT/service_bench.log"
 else
   echo "skipped: the serve extra is not importable (carry its wheels in .whl/, see the header)"
