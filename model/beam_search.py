@@ -137,7 +137,8 @@ def score_items(model: Decoder, src: Tensor, src_mask: Tensor, candidates: Tenso
     """Log-likelihood of each candidate item under the model (ranking mode).
 
     candidates: (B, M) internal item indices (-1 padding). Returns (B, M) float32, -inf at padding.
-    The candidates of a request run as that request's beams, sharing its encoded history.
+    The candidates of a request run as that request's beams, sharing its encoded history; the
+    BOS step, the same for all of them, runs once per request.
     """
     B, M = candidates.shape
     L = sid_map.shape[0]
@@ -148,9 +149,12 @@ def score_items(model: Decoder, src: Tensor, src_mask: Tensor, candidates: Tenso
     src_len = src_mask.sum(1)
     cache = model.new_cache(B, max(M, 1), device, prefix.keys[0].dtype)
     total = torch.zeros(B, M, device=device)
-    tokens = torch.full((B, M), BOS_ID, dtype=torch.int64, device=device)
+    tokens = torch.full((B, 1), BOS_ID, dtype=torch.int64, device=device)  # step 0: one row, every candidate's
     for level in range(L):
         logp = torch.log_softmax(model.decode_step(prefix, cache, tokens, level, src_len).float(), -1)
+        logp = logp.expand(B, M, -1)
         total += torch.gather(logp, 2, codes[..., level:level + 1]).squeeze(2)
+        if level == 0:  # every candidate continues the one BOS beam (a no-op for a shared-position cache)
+            cache.reorder(torch.zeros(B, M, dtype=torch.int64, device=device), 1)
         tokens = codes[..., level] + model.offsets[level]
     return torch.where(cand >= 0, total, torch.full_like(total, float("-inf")))
