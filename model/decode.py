@@ -380,15 +380,11 @@ def _contexts(model, w: DecodeWeights, prefix, cache: BeamCache, shared: list[in
         return got
     cfg = model.cfg
     encdec = cfg.arch == "encoder_decoder"
+    base_mask, values = context_mask(cfg, prefix.mask, [v.to(w.dtype) for v in prefix.values])
     ctxs = []
     for i, lw in enumerate(w.layers):
-        keys, vals = prefix.keys[i].to(w.dtype), prefix.values[i].to(w.dtype)
-        mask = prefix.mask.float()
+        keys, vals, mask = prefix.keys[i].to(w.dtype), values[i], base_mask
         if encdec:
-            # torch's rule: a request whose keys are all masked (empty history) gets output 0,
-            # not NaN: its mask row becomes 0 (a harmless uniform softmax) and its values 0.
-            has = (mask > float("-inf")).any(-1, keepdim=True)  # (B, 1, 1, 1)
-            mask, vals = torch.where(has, mask, torch.zeros_like(mask)), vals * has.to(vals.dtype)
             ctxs.append(build_context(keys, vals, mask, lw, cfg.d_head ** -0.5, 0, absorbed))
             continue
         if shared:  # positions decoded once for all beams join the history
@@ -482,9 +478,10 @@ def decoder_layers(cfg, w: DecodeWeights, x: Tensor, pks: list[Tensor], pvs: lis
 
 
 def context_mask(cfg, prefix_mask: Tensor, pvs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """(mask, values) for an exported step's cross-attention, with torch's rule that a request
-    whose history is empty (all keys masked) gets output 0, not NaN: its mask row becomes 0 and
-    its values 0. Decoder-only steps always have their own positions: nothing to do."""
+    """(fp32 mask, values) of the context a step attends to (cached steps and exported graphs),
+    with torch's rule that a request whose history is empty (all keys masked) gets output 0, not
+    NaN: its mask row becomes 0 (a harmless uniform softmax) and its values 0. Decoder-only steps
+    always have their own positions in the same softmax: nothing to do."""
     mask = prefix_mask.float()
     if cfg.arch != "encoder_decoder":
         return mask, pvs
