@@ -4,9 +4,12 @@ and the engine alone (no HTTP) at the batch sizes the batcher formed — all in 
     .venv/bin/python benchmarks/service_bench.py [BUNDLE] [--threads 2] [--seconds 6] [--device cuda]
 
 The server is the real app under uvicorn in a subprocess on 127.0.0.1 (one worker, the CLI's
-`serve`); clients are async httpx in this process, each sending its next request when the last
-answers (closed loop, a minimal asyncio HTTP/1.1 client: cheap enough not to be the bottleneck).
-Every config is bounded by a request count AND a time cap. Without BUNDLE a
+`serve`); the clients are keep-alive connections of a minimal asyncio HTTP/1.1 client in this
+process, each sending its next request when the last answers (closed loop; cheap enough not to be
+the bottleneck).
+Each config first runs `--warmup` seconds at its full concurrency, untimed, then is measured in
+steady state, bounded by a request count AND a time cap; the slowest request of the cold start
+(the first wave of clients at an idle server) is reported beside it as `first_wave_ms`. Without BUNDLE a
 random-weight bundle (12,101 items, 256x256x256 + dedup; `--model small` by default, `--model tiger`
 for the TIGER size) is built once under build/bench-bundle-<model>. Prints a table, then one JSON line with rps, p50, p99 per
 config and the ratios the targets need:
@@ -125,43 +128,58 @@ async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw:
 
 
 async def sweep_one(url: str, concurrency: int, beam: int, hist: list[list[str]], max_requests: int,
-                    seconds: float) -> dict:
+                    seconds: float, warmup: float = 1.0) -> dict:
     """Closed loop: `concurrency` connections, each posting its next request when the last answers.
 
-    A minimal asyncio HTTP/1.1 client rather than httpx: on a 2-core host shared with the server,
-    httpx's ~2 ms of client CPU per request made the client the bottleneck at 32 connections.
+    The clients run `warmup` seconds at full concurrency before the measured window starts (they
+    keep running through it: the window sees the steady state, not the cold start); only requests
+    started inside the window are timed. The cold start is reported apart: `first_wave_ms` is the
+    slowest of the first `concurrency` requests, a burst of that many clients arriving at an idle
+    server. A minimal asyncio HTTP/1.1 client rather than httpx: on a 2-core host shared with the
+    server, httpx's ~2 ms of client CPU per request made the client the bottleneck at 32 connections.
     """
     host, port = url.split("//")[1].split(":")
     bodies = [json.dumps({"history": h, "top_n": TOP_N, "beam_width": beam}).encode() for h in hist]
     raws = [b"POST /v1/recommend HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (host.encode(), len(b), b) for b in bodies]
     lat: list[float] = []
+    first_wave: list[float] = []
     errors = 0
     counter = iter(range(10 ** 9))
     conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*[_post(r, w, raws[i]) for i, (r, w) in enumerate(conns[:8])])  # warm
-        t_end = time.perf_counter() + seconds
+        t_start = time.perf_counter()
+        t_measure = t_start + warmup
+        t_end = t_measure + seconds
+        measured = 0
 
         async def worker(reader, writer) -> None:
-            nonlocal errors
+            nonlocal errors, measured
             while time.perf_counter() < t_end:
-                i = next(counter)
-                if i >= max_requests:
-                    return
                 t0 = time.perf_counter()
-                if await _post(reader, writer, raws[i % len(raws)]) == 200:
-                    lat.append(time.perf_counter() - t0)
+                timed = t0 >= t_measure
+                if timed:
+                    if measured >= max_requests:
+                        return
+                    measured += 1
+                i = next(counter)
+                status = await _post(reader, writer, raws[i % len(raws)])
+                dt = time.perf_counter() - t0
+                if i < concurrency:
+                    first_wave.append(dt)
+                if not timed:
+                    continue
+                if status == 200:
+                    lat.append(dt)
                 else:
                     errors += 1
 
-        t0 = time.perf_counter()
         await asyncio.gather(*[worker(r, w) for r, w in conns])
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t_measure
     finally:
         for _, w in conns:
             w.close()
-    return {"lat": lat, "errors": errors, "wall": wall}
+    return {"lat": lat, "errors": errors, "wall": wall, "first_wave": max(first_wave, default=0.0)}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -171,7 +189,8 @@ def summarize(runs: list[dict]) -> dict:
     q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
     return {"requests": len(lat), "errors": sum(r["errors"] for r in runs), "rps": round(len(lat) / wall, 2),
             "p50_ms": q(0.5), "p99_ms": q(0.99), "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None,
-            "rps_per_round": [round(len(r["lat"]) / r["wall"], 1) for r in runs]}
+            "rps_per_round": [round(len(r["lat"]) / r["wall"], 1) for r in runs],
+            "first_wave_ms": round(max(r["first_wave"] for r in runs) * 1000, 1)}
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -215,6 +234,49 @@ def engine_alone(bundle: Path, threads: int, dtype: str, points: list[tuple[int,
     return out
 
 
+def plot_sweep(results: list[dict], ratios: dict, path: Path) -> Path:
+    """Per beam width: p50/p99 latency and throughput against clients, batching on and off, with
+    the p99 target (4x the single-client p50) drawn in. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(2, len(BEAMS), figsize=(5 * len(BEAMS), 6.5), sharex=True, squeeze=False)
+    for col, beam in enumerate(BEAMS):
+        lat, thr = axes[0][col], axes[1][col]
+        for batching, style in ((True, "-"), (False, "--")):
+            rows = sorted((r for r in results if r["beam"] == beam and r["batching"] == batching),
+                          key=lambda r: r["concurrency"])
+            c = [r["concurrency"] for r in rows]
+            tag = "batching on" if batching else "batching off"
+            lat.plot(c, [r["p50_ms"] for r in rows], style, marker="o", color="C0", label=f"p50, {tag}")
+            lat.plot(c, [r["p99_ms"] for r in rows], style, marker="o", color="C3", label=f"p99, {tag}")
+            thr.plot(c, [r["rps"] for r in rows], style, marker="o", color="C2", label=tag)
+        p50_1 = next(r["p50_ms"] for r in results if r["beam"] == beam and r["batching"] and r["concurrency"] == 1)
+        lat.axhline(4 * p50_1, color="grey", lw=0.8, ls=":", label="p99 target (4x p50 at 1 client)")
+        lat.set_title(f"beam {beam}: p99@32 / p50@1 = {ratios[f'beam{beam}']['p99_at32_over_p50_at1']}")
+        lat.set_ylabel("latency (ms)")
+        lat.set_yscale("log")
+        thr.set_ylabel("requests/s")
+        thr.set_xlabel("concurrent clients")
+        thr.set_xscale("log", base=2)
+        thr.set_xticks(CONCURRENCY, [str(c) for c in CONCURRENCY])
+        lat.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        for ax in (lat, thr):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("sidrec service sweep (closed loop, steady state)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bundle", nargs="?", help="bundle directory (default: a synthetic TIGER-sized one)")
@@ -225,7 +287,10 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="engine dtype of the servers and the engine-alone run (bfloat16 pays on CPUs with AMX)")
     ap.add_argument("--device", default="cpu", help="engine device of the servers and the engine-alone run (cpu, cuda)")
-    ap.add_argument("--seconds", type=float, default=5.0, help="time cap per config and round")
+    ap.add_argument("--seconds", type=float, default=5.0, help="time cap per config and round (measured window)")
+    ap.add_argument("--plot", type=Path, help="also draw latency and throughput against clients into this PNG")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds each config runs at full concurrency "
+                    "before its measured window (steady state; the cold start is reported as first_wave_ms)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the whole sweep (pooled)")
     ap.add_argument("--max-requests", type=int, default=96, help="request cap per config at 32 clients "
                     "(scaled down for fewer clients)")
@@ -250,7 +315,7 @@ def main() -> None:
                         url = servers[batching][1]
                         s0, n0 = batch_stats(url)
                         cap = max(16, a.max_requests * c // 32) if c > 1 else 24
-                        run = asyncio.run(sweep_one(url, c, beam, hist, cap, a.seconds))
+                        run = asyncio.run(sweep_one(url, c, beam, hist, cap, a.seconds, a.warmup))
                         s1, n1 = batch_stats(url)
                         raw.setdefault((batching, beam, c), []).append(run)
                         batches.setdefault((batching, beam, c), []).append((s1 - s0, n1 - n0))
@@ -266,7 +331,8 @@ def main() -> None:
         results.append(r)
         print(f"batching={'on ' if batching else 'off'} beam={beam:4d} clients={c:3d}  rps={r['rps']:8.2f}  "
               f"p50={r['p50_ms']:8.1f} ms  p99={r['p99_ms']:8.1f} ms  batch={r['mean_batch']}  "
-              f"n={r['requests']} err={r['errors']}  rounds={r['rps_per_round']}", flush=True)
+              f"n={r['requests']} err={r['errors']}  first wave {r['first_wave_ms']} ms  rounds={r['rps_per_round']}",
+              flush=True)
     by = {(r["batching"], r["beam"], r["concurrency"]): r for r in results}
     points = sorted({(beam, max(1, round(by[(True, beam, 32)]["mean_batch"] or 1))) for beam in BEAMS}
                     | {(beam, 1) for beam in BEAMS})
@@ -285,8 +351,10 @@ def main() -> None:
         }
         print(f"beam {beam}: " + ", ".join(f"{k}={v}" for k, v in ratios[f'beam{beam}'].items()))
     targets = {"service32_over_engine": ">=0.8", "batching_on_over_off_at32": ">=2", "p99_at32_over_p50_at1": "<=4"}
+    if a.plot:
+        print(f"plot: {plot_sweep(results, ratios, a.plot)}", flush=True)
     print(json.dumps({"bench": "service", "bundle": str(bundle), "device": a.device, "threads": a.threads,
-                      "dtype": a.dtype, "rounds": a.rounds,
+                      "dtype": a.dtype, "rounds": a.rounds, "warmup_s": a.warmup, "seconds": a.seconds,
                       "configs": results,
                       "engine": list(eng.values()), "ratios": ratios, "targets": targets}))
 
