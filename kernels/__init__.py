@@ -1,4 +1,5 @@
-"""sidrec kernels: the device-side prefix trie and the fused beam step (PyTorch reference + Triton).
+"""sidrec kernels: the device-side prefix trie, the fused beam step (PyTorch reference + Triton), and
+the fused CPU attention of a wide decode step (C, built on first use).
 
 Imports nothing from `training/` or `service/`.
 """

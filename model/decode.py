@@ -23,7 +23,10 @@ parameters, and only re-packs them for decoding:
 * The decoder-only prefill runs BOS as the next token of the history (`prefill_decoder_only`),
   so step 0 costs one row of the prefill instead of a decoder pass.
 * Each beam's own positions (its parents' codes and itself, at most L) are dot products done
-  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4.
+  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4. On the CPU
+  in bf16, the decoder-only absorbed step does those dots, the softmax over context and own
+  positions and the own values' weighted sum in one fused pass (`kernels.cpu_attention`, built
+  on first use; torch ops where it cannot be built).
 * Large steps (B*K rows above `ROW_CHUNK`) run in beam chunks, so the d_ff-wide activations stay
   under glibc's mmap threshold (not page-faulted afresh on every call).
 
@@ -49,6 +52,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels import cpu_attention
 
 ROW_CHUNK = 8192  # rows (batch x beams) per chunk: 8192 x d_ff(1024) bf16 = 16 MB, under the 32 MB mmap threshold
 # Steps with at least this many beams per request attend to the context in absorbed form.
@@ -346,6 +351,9 @@ def _step_deconly(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor],
     q, k, v = _split_heads(F.linear(xn, w.qkv), h, dh)
     n_own = len(own_k) + 1
     s = _context_scores(ctx, xn, q)  # (B, Kc, H, S) (the own slots are 0 here)
+    if ctx.a is not None and cpu_attention.supports(s, q, n_own):  # the same, fused in one pass
+        own = cpu_attention.own_attention(s, ctx.n, q, own_k + [k], own_v + [v])
+        return _ffn(w, x + _context_output(ctx, s, w.o, own), eps), k, v
     s[..., ctx.n: ctx.n + n_own] = _dots(q, own_k + [k])
     if n_own < ctx.slots:
         s[..., ctx.n + n_own:] = float("-inf")

@@ -1,0 +1,113 @@
+"""The fused CPU attention kernel (kernels/cpu_attention.py) against torch, and its fallback.
+
+The kernel is built with the machine's C compiler on first use. Where there is none, the tests
+that need it are skipped with that reason (the decoder then runs its torch ops, which
+tests/test_decoding.py covers); the fallback test runs everywhere.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from kernels import cpu_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
+                                  reason="no C compiler here: the fused CPU attention kernel is unavailable")
+
+
+def reference(s: torch.Tensor, n: int, q, own_k, own_v) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 softmax over [s[..., :n], q . k_j] -> (context probabilities, sum_j p_j v_j)."""
+    d = torch.stack([(q.float() * k.float()).sum(-1) for k in own_k], -1)
+    p = torch.softmax(torch.cat([s[..., :n].float(), d], -1), -1)
+    own = sum(p[..., n + j, None] * v.float() for j, v in enumerate(own_v))
+    return p[..., :n], own
+
+
+def operands(B: int, K: int, H: int, dh: int, n: int, slots: int, n_own: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    bf = torch.bfloat16
+    s = (torch.randn(B, K, H * (n + slots), generator=g) * 3).to(bf).unflatten(-1, (H, n + slots))
+    s[..., : n // 3] = float("-inf")  # masked (left-padded) history positions
+    qkv = (torch.randn(B, K, 3 * H * dh, generator=g) * 0.5).to(bf)
+    q, k, v = (t.unflatten(-1, (H, dh)) for t in qkv.split(H * dh, -1))  # strided views, as the decoder has
+    own_k, own_v = [], []
+    for j in range(n_own - 1):
+        rows = 1 if j == 0 else K  # a position shared by all beams of a request, then per-beam ones
+        own_k.append((torch.randn(B, rows, H, dh, generator=g) * 0.5).to(bf))
+        own_v.append((torch.randn(B, rows, H, dh, generator=g)).to(bf))
+    return s, q, own_k + [k], own_v + [v]
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,K,H,dh,n,slots,n_own", [(1, 1, 1, 8, 5, 1, 1), (3, 7, 2, 16, 9, 3, 2),
+                                                     (2, 33, 6, 64, 61, 2, 3), (4, 5, 3, 24, 1, 4, 4)])
+def test_kernel_matches_torch(B, K, H, dh, n, slots, n_own):
+    s, q, own_k, own_v = operands(B, K, H, dh, n, slots, n_own, seed=B * 100 + K)
+    p_ref, own_ref = reference(s, n, q, own_k, own_v)
+    masked = torch.isneginf(s[..., :n])
+    got = cpu_attention.own_attention(s, n, q, own_k, own_v)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, K, H, dh)
+    torch.testing.assert_close(s[..., :n].float(), p_ref, rtol=0, atol=4e-3)  # bf16 probabilities
+    assert (s[..., :n][masked] == 0).all()  # masked positions get exactly nothing
+    assert (s[..., n:] == 0).all()  # the own slots: their values come back in `got`
+    torch.testing.assert_close(got.float(), own_ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_kernel_rejects_score_rows_it_cannot_address():
+    s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 1, seed=0)
+    with pytest.raises(ValueError, match="dense heads"):
+        cpu_attention.own_attention(s.transpose(1, 2), 5, q, own_k, own_v)
+
+
+@needs_kernel
+def test_decoder_only_steps_agree_with_and_without_kernel(monkeypatch):
+    """A decoder-only bf16 beam search (absorbed context, the kernel's path) gives the same logits,
+    within bf16 rounding, and the same beams, with the kernel and with torch ops."""
+    import model.decode as decode
+    from model.beam_search import beam_search, encode_histories
+    from test_decoding import make_catalogue, make_model
+
+    from kernels.trie import PrefixTrie
+
+    monkeypatch.setattr(decode, "ABSORB_MIN_BEAMS", 1)
+    model = make_model("decoder_only", seed=3, scale=1.0)
+    sid_map = make_catalogue(60, seed=3)
+    trie = PrefixTrie.build(sid_map, model.cards)
+    src, mask = encode_histories([[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10, 11]], sid_map, model.offsets,
+                                 model.cfg.max_history)
+    calls = []
+    real = cpu_attention.own_attention
+    monkeypatch.setattr(cpu_attention, "own_attention", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SIDREC_CPU_KERNELS", flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[flag] = beam_search(model, trie, src, mask, 12, 6)
+    assert calls, "the kernel was not used"
+    a, b = out["0"], out["1"]
+    torch.testing.assert_close(b.scores, a.scores, rtol=2e-2, atol=3e-2)
+    overlap = sum(len(set(x) & set(y)) for x, y in zip(a.items.tolist(), b.items.tolist()))
+    assert overlap >= 0.9 * a.items.numel()
+
+
+def test_no_compiler_means_torch_ops(monkeypatch, tmp_path, caplog):
+    """A failed build (here: a compiler that always fails) leaves the kernel off with a warning,
+    and decoding still works through the torch ops."""
+    monkeypatch.setattr(cpu_attention, "_lib", None)
+    monkeypatch.setattr(cpu_attention, "_tried", False)
+    monkeypatch.setenv("SIDREC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.WARNING, logger="sidrec.kernels"):
+        assert not cpu_attention.available()
+    assert "did not build" in caplog.text
+    s, q, own_k, own_v = operands(1, 2, 1, 8, 3, 1, 1, seed=0)
+    assert not cpu_attention.supports(s, q, 1)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SIDREC_CPU_KERNELS", "0")
+    assert not cpu_attention.available()
