@@ -44,7 +44,7 @@ echo "rc $?"; grep -E "^beam [0-9]+:" "$OUT/engine_scaling.log"
 
 echo "== 3/3 service_bench ($DEVICE, bf16)"
 if "$PY" -c "import fastapi, uvicorn, pydantic_settings" 2>/dev/null; then
-  timeout 240 "$PY" benchmarks/service_bench.py ${BUNDLE:---model tiger} --device "$DEVICE" --dtype bfloat16 --threads 4 \
+  timeout 300 "$PY" benchmarks/service_bench.py ${BUNDLE:---model tiger} --device "$DEVICE" --dtype bfloat16 --threads 4 \
     "${SWEEP[@]}" > "$OUT/service_bench.log" 2>&1
   echo "rc $?"; grep -E "^beam [0-9]+:" "$OUT/service_bench.log"
 else

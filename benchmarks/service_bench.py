@@ -14,9 +14,9 @@ random-weight bundle (12,101 items, 256x256x256 + dedup; `--model small` by defa
 for the TIGER size) is built once under build/bench-bundle-<model>. Prints a table, then one JSON line with rps, p50, p99 per
 config and the ratios the targets need:
   service@32 (batching on) / engine throughput at the batch size formed  >= 0.8
-    (against the engine alone, timed after the sweep in this process; and against the server's
-    own engine, requests per engine-second from its metrics in the same window, which the
-    shared host's drift between the two cannot bias)
+    (against the engine alone, timed in this process in every round right after the service ran
+    that beam, at the batch size the batcher formed; and against the server's own engine, requests
+    per engine-second from its metrics in the same window, which drift on a shared host cannot bias)
   batching on / off at 32 clients                                       >= 2
   p99@32 (batching on) / p50@1                                          <= 4
 This is a script, not a test; it measures ratios within one run on one machine.
@@ -210,32 +210,34 @@ def batch_stats(url: str) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
-def engine_alone(bundle: Path, threads: int, dtype: str, points: list[tuple[int, int]],
-                 hist_ids: list[list[str]], seconds: float, device: str = "cpu") -> dict:
-    import torch
+class EngineAlone:
+    """The bundle's engine in this process (no HTTP), timed at given (beam, batch) points."""
 
-    from model.engine import EngineOptions, RecommendEngine
+    def __init__(self, bundle: Path, threads: int, dtype: str, hist_ids: list[list[str]], device: str = "cpu"):
+        import torch
 
-    torch.set_num_threads(threads)
-    engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads, dtype=dtype, device=device))
-    hist = [engine.to_internal(h)[0] for h in hist_ids]
-    out = {}
-    for beam, b in points:
+        from model.engine import EngineOptions, RecommendEngine
+
+        torch.set_num_threads(threads)
+        self.engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads, dtype=dtype,
+                                                                            device=device))
+        self.hist = [self.engine.to_internal(h)[0] for h in hist_ids]
+
+    def time(self, beam: int, b: int, seconds: float) -> tuple[int, float]:
+        """(requests, seconds) of back-to-back calls of batch b for about `seconds`."""
+        batches = [[self.hist[(j * b + i) % len(self.hist)] for i in range(b)] for j in range(16)]
         # The first calls at a new shape are several times slower (oneDNN/allocator warm-up), as
         # they are for the server, which the sweep warms with the same traffic: warm for ~1 s.
-        batches = [[hist[(j * b + i) % len(hist)] for i in range(b)] for j in range(16)]
         n, t0 = 0, time.perf_counter()
         while n < 3 or (time.perf_counter() - t0 < 1.0 and n < 50):
-            engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
+            self.engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
             n += 1
         n, t0 = 0, time.perf_counter()
         while n < 3 or (time.perf_counter() - t0 < seconds and n < 200):
-            res = engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
+            res = self.engine.recommend(batches[n % 16], beam, TOP_N, exclude=batches[n % 16])
             n += 1
         res.items.cpu()  # on a GPU, wait for the queued work (the server's answers read it back too)
-        dt = (time.perf_counter() - t0) / n
-        out[(beam, b)] = {"beam": beam, "batch": b, "ms_per_call": round(dt * 1000, 1), "rps": round(b / dt, 2)}
-    return out
+        return n * b, time.perf_counter() - t0
 
 
 def plot_sweep(results: list[dict], ratios: dict, path: Path) -> Path:
@@ -310,8 +312,10 @@ def main() -> None:
             port = free_port()
             servers[batching] = (start_server(bundle, port, batching, a.threads, a.dtype, a.device),
                                 f"http://127.0.0.1:{port}")
+        alone = EngineAlone(bundle, a.threads, a.dtype, hist, a.device)
         raw: dict[tuple, list] = {}
         batches: dict[tuple, list] = {}
+        eng_runs: dict[tuple, list] = {}  # (beam, batch) -> [(requests, seconds)] over rounds
         for rnd in range(a.rounds):
             for beam in BEAMS:
                 for c in CONCURRENCY:
@@ -323,6 +327,12 @@ def main() -> None:
                         s1, n1, e1 = batch_stats(url)
                         raw.setdefault((batching, beam, c), []).append(run)
                         batches.setdefault((batching, beam, c), []).append((s1 - s0, n1 - n0, e1 - e0))
+                # The engine alone, right after the service ran it (the servers idle meanwhile), at
+                # the batch size the batcher formed in this run so far: the two throughputs are
+                # measured minutes apart at most, not a whole sweep apart.
+                s_, n_, _ = map(sum, zip(*batches[(True, beam, 32)]))
+                for b in (1, max(1, round(s_ / n_)) if n_ else 1):
+                    eng_runs.setdefault((beam, b), []).append(alone.time(beam, b, min(a.seconds, 3.0)))
             print(f"round {rnd + 1}/{a.rounds} done", flush=True)
     finally:
         for proc, _ in servers.values():
@@ -340,15 +350,19 @@ def main() -> None:
               f"n={r['requests']} err={r['errors']}  first wave {r['first_wave_ms']} ms  rounds={r['rps_per_round']}",
               flush=True)
     by = {(r["batching"], r["beam"], r["concurrency"]): r for r in results}
-    points = sorted({(beam, max(1, round(by[(True, beam, 32)]["mean_batch"] or 1))) for beam in BEAMS}
-                    | {(beam, 1) for beam in BEAMS})
-    eng = engine_alone(bundle, a.threads, a.dtype, points, hist, min(a.seconds, 4.0), a.device)
+    eng = {}
+    for (beam, b), runs in sorted(eng_runs.items()):
+        n_req, secs = map(sum, zip(*runs))
+        eng[(beam, b)] = {"beam": beam, "batch": b, "ms_per_call": round(secs / (n_req / b) * 1000, 1),
+                          "rps": round(n_req / secs, 2), "rounds": len(runs)}
     for e in eng.values():
         print(f"engine alone beam={e['beam']:4d} batch={e['batch']:3d}  {e['ms_per_call']:8.1f} ms/call  rps={e['rps']:8.2f}")
     ratios = {}
     for beam in BEAMS:
         on32, off32, on1 = by[(True, beam, 32)], by[(False, beam, 32)], by[(True, beam, 1)]
         b = max(1, round(on32["mean_batch"] or 1))
+        if (beam, b) not in eng:  # the pooled mean batch rounds differently from the per-round ones
+            b = min((k[1] for k in eng if k[0] == beam and k[1] > 1), key=lambda x: abs(x - b), default=1)
         ratios[f"beam{beam}"] = {
             "service32_over_engine": round(on32["rps"] / eng[(beam, b)]["rps"], 3),
             "engine_batch": b,
