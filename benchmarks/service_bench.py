@@ -315,7 +315,7 @@ def main() -> None:
         alone = EngineAlone(bundle, a.threads, a.dtype, hist, a.device)
         raw: dict[tuple, list] = {}
         batches: dict[tuple, list] = {}
-        eng_runs: dict[tuple, list] = {}  # (beam, batch) -> [(requests, seconds)] over rounds
+        eng_runs: dict[tuple, list] = {}  # (beam, "1" | "formed") -> [(batch, requests, seconds)] over rounds
         for rnd in range(a.rounds):
             for beam in BEAMS:
                 for c in CONCURRENCY:
@@ -330,9 +330,9 @@ def main() -> None:
                 # The engine alone, right after the service ran it (the servers idle meanwhile), at
                 # the batch size the batcher formed in this run so far: the two throughputs are
                 # measured minutes apart at most, not a whole sweep apart.
-                s_, n_, _ = map(sum, zip(*batches[(True, beam, 32)]))
-                for b in (1, max(1, round(s_ / n_)) if n_ else 1):
-                    eng_runs.setdefault((beam, b), []).append(alone.time(beam, b, min(a.seconds, 3.0)))
+                s_, n_, _ = batches[(True, beam, 32)][-1]
+                for kind, b in (("1", 1), ("formed", max(1, round(s_ / n_)) if n_ else 1)):
+                    eng_runs.setdefault((beam, kind), []).append((b, *alone.time(beam, b, min(a.seconds, 3.0))))
             print(f"round {rnd + 1}/{a.rounds} done", flush=True)
     finally:
         for proc, _ in servers.values():
@@ -351,21 +351,20 @@ def main() -> None:
               flush=True)
     by = {(r["batching"], r["beam"], r["concurrency"]): r for r in results}
     eng = {}
-    for (beam, b), runs in sorted(eng_runs.items()):
-        n_req, secs = map(sum, zip(*runs))
-        eng[(beam, b)] = {"beam": beam, "batch": b, "ms_per_call": round(secs / (n_req / b) * 1000, 1),
-                          "rps": round(n_req / secs, 2), "rounds": len(runs)}
+    for (beam, kind), runs in sorted(eng_runs.items()):
+        sizes, n_req, secs = zip(*runs)
+        calls = sum(n / b for b, n in zip(sizes, n_req))
+        eng[(beam, kind)] = {"beam": beam, "batch": round(sum(n_req) / calls, 1), "batches": list(sizes),
+                             "ms_per_call": round(sum(secs) / calls * 1000, 1), "rps": round(sum(n_req) / sum(secs), 2)}
     for e in eng.values():
-        print(f"engine alone beam={e['beam']:4d} batch={e['batch']:3d}  {e['ms_per_call']:8.1f} ms/call  rps={e['rps']:8.2f}")
+        print(f"engine alone beam={e['beam']:4d} batch={e['batch']:5.1f} (per round {e['batches']})  "
+              f"{e['ms_per_call']:8.1f} ms/call  rps={e['rps']:8.2f}")
     ratios = {}
     for beam in BEAMS:
         on32, off32, on1 = by[(True, beam, 32)], by[(False, beam, 32)], by[(True, beam, 1)]
-        b = max(1, round(on32["mean_batch"] or 1))
-        if (beam, b) not in eng:  # the pooled mean batch rounds differently from the per-round ones
-            b = min((k[1] for k in eng if k[0] == beam and k[1] > 1), key=lambda x: abs(x - b), default=1)
         ratios[f"beam{beam}"] = {
-            "service32_over_engine": round(on32["rps"] / eng[(beam, b)]["rps"], 3),
-            "engine_batch": b,
+            "service32_over_engine": round(on32["rps"] / eng[(beam, "formed")]["rps"], 3),
+            "engine_batch": eng[(beam, "formed")]["batch"],
             # The same ratio against the server's own engine time (same run, same moments): the
             # share of the engine's throughput that HTTP, JSON, queueing and the index leave.
             "service32_over_engine_in_server": round(on32["rps"] / on32["engine_rps_in_server"], 3),
