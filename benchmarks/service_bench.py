@@ -274,13 +274,9 @@ def plot_sweep(results: list[dict], ratios: dict, path: Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("sidrec service sweep (closed loop, steady state)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from training.figures import save_figure
+
+    return save_figure(fig, path)
 
 
 def main() -> None:

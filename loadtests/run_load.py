@@ -31,6 +31,8 @@ def plot_history(history: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from training.figures import save_figure
+
     agg = [r for r in history if r.get("Name") == "Aggregated" and r.get("50%") not in ("", "N/A", None)]
     t0 = int(agg[0]["Timestamp"]) if agg else 0
     t = [int(r["Timestamp"]) - t0 for r in agg]
@@ -45,13 +47,7 @@ def plot_history(history: list[dict], path: Path) -> Path:
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
     fig.suptitle("sidrec load run: latency over time")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

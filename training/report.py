@@ -1,13 +1,14 @@
 """Plots for the bundle's report: learning curves. (Codebook usage lives in `training.sids`.)"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from training.figures import save_figure  # noqa: E402
 
 
 def plot_learning_curves(history: list[dict], path: str | Path) -> Path:
@@ -33,9 +34,4 @@ def plot_learning_curves(history: list[dict], path: str | Path) -> Path:
         a2.set_ylabel("learning rate at epoch end")
     a2.grid(alpha=0.3)
     a1.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -11,12 +11,12 @@ This module does not train quantisers (see `training.quantize`) nor build token 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from training.figures import save_figure
 
 
 def _codes(codes: np.ndarray) -> np.ndarray:
@@ -134,16 +134,4 @@ def plot_codebook_usage(codes: np.ndarray, cardinalities: Sequence[int], path: s
         ax.set_xlabel("code (sorted by use)")
         ax.set_ylabel("items")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_figure(fig, path, dpi=110)
