@@ -7,13 +7,14 @@ writing them into the score rows, the softmax, its cast back to bf16, and the ow
 weighted values. At 32 requests x 256 beams those passes cost more than the step's matmuls on a
 2-core CPU. This kernel does them in one pass per (row, head), in registers:
 
-    s[r, h, :n]      context scores (bf16, masked, from the GEMM)   -> probabilities, in place
+    s[r, h, :n]      context scores (masked, from the GEMM)   -> probabilities, in place
     d[r, h, j]       = q[r, h] . k_j[r, h]   (own positions, fp32)
     softmax over [s[r, h, :n], d[r, h, :]]    (fp32, max-subtracted)
     s[r, h, n:]      = 0                      (the own slots: their values are added below)
-    own[r, h]        = sum_j p_j * v_j[r, h]  (bf16 out)
+    own[r, h]        = sum_j p_j * v_j[r, h]
 
-It is plain C over raw bf16 buffers (no torch headers: it compiles in about a second), built
+It is plain C over raw bf16 or fp32 buffers, with fp32 arithmetic (no torch headers: it compiles
+in about two seconds), built
 on first use with the machine's C compiler into `~/.cache/sidrec/kernels` (or
 `$SIDREC_KERNEL_CACHE`), keyed by its source, flags and CPU, and called through ctypes; its OpenMP
 loop runs on torch's own OpenMP runtime and thread count (the library resolves to the libgomp torch
@@ -73,49 +74,55 @@ static inline float exp_neg(float x) {
 #define MAX_DH 256
 #define MAX_S 4096
 
-/* rows R, heads H; s: (R, H, S) bf16 with row stride s_rs and head stride S (contiguous per head);
-   q: (R, H, dh) bf16, row stride q_rs, head stride dh; ks[j]/vs[j]: (R or 1, H, dh) bf16, row stride
-   k_rs[j]/v_rs[j] (0: one row shared by all); own: (R, H, dh) bf16 contiguous. */
-void sidrec_own_attention(int64_t R, int64_t H, int64_t S, int64_t n, int64_t n_own, int64_t dh,
-                          uint16_t *s, int64_t s_rs, const uint16_t *q, int64_t q_rs,
-                          const uint16_t *const *ks, const int64_t *k_rs,
-                          const uint16_t *const *vs, const int64_t *v_rs, uint16_t *own) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t rh = 0; rh < R * H; rh++) {
-        const int64_t r = rh / H, h = rh % H;
-        uint16_t *sp = s + r * s_rs + h * S;
-        const uint16_t *qp = q + r * q_rs + h * dh;
-        float qf[MAX_DH], d[MAX_OWN], e[MAX_S], acc[MAX_DH];
-        for (int64_t t = 0; t < dh; t++) qf[t] = bf2f(qp[t]);
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n_own; j++) {
-            const uint16_t *kp = ks[j] + r * k_rs[j] + h * dh;
-            float a = 0.f;
-            #pragma omp simd reduction(+:a)
-            for (int64_t t = 0; t < dh; t++) a += qf[t] * bf2f(kp[t]);
-            d[j] = a;
-            m = a > m ? a : m;
-        }
-        #pragma omp simd reduction(max:m)
-        for (int64_t t = 0; t < n; t++) { e[t] = bf2f(sp[t]); m = e[t] > m ? e[t] : m; }
-        float z = 0.f;
-        #pragma omp simd reduction(+:z)
-        for (int64_t t = 0; t < n; t++) { e[t] = exp_neg(e[t] - m); z += e[t]; }
-        for (int64_t j = 0; j < n_own; j++) { d[j] = exp_neg(d[j] - m); z += d[j]; }
-        const float inv = 1.f / z;
-        for (int64_t t = 0; t < n; t++) sp[t] = f2bf(e[t] * inv);
-        for (int64_t t = n; t < S; t++) sp[t] = 0;
-        for (int64_t t = 0; t < dh; t++) acc[t] = 0.f;
-        for (int64_t j = 0; j < n_own; j++) {
-            const float p = bf2f(f2bf(d[j] * inv));  /* the probability as the bf16 path rounds it */
-            const uint16_t *vp = vs[j] + r * v_rs[j] + h * dh;
-            #pragma omp simd
-            for (int64_t t = 0; t < dh; t++) acc[t] += p * bf2f(vp[t]);
-        }
-        uint16_t *op = own + rh * dh;
-        for (int64_t t = 0; t < dh; t++) op[t] = f2bf(acc[t]);
-    }
+static inline float f32_load(float x) { return x; }
+static inline float f32_store(float x) { return x; }
+
+/* rows R, heads H; s: (R, H, S) with row stride s_rs and head stride S; q: (R, H, dh), row stride
+   q_rs, head stride dh; ks[j]/vs[j]: (R, H, dh), row strides k_rs[j]/v_rs[j]; own: (R, H, dh)
+   contiguous. T is the element type (bf16 as uint16_t, or float); all arithmetic is in float. */
+#define OWN_ATTENTION(NAME, T, LOAD, STORE)                                                       \
+void NAME(int64_t R, int64_t H, int64_t S, int64_t n, int64_t n_own, int64_t dh,                  \
+          T *s, int64_t s_rs, const T *q, int64_t q_rs, const T *const *ks, const int64_t *k_rs,  \
+          const T *const *vs, const int64_t *v_rs, T *own) {                                      \
+    _Pragma("omp parallel for schedule(static)")                                                  \
+    for (int64_t rh = 0; rh < R * H; rh++) {                                                      \
+        const int64_t r = rh / H, h = rh % H;                                                     \
+        T *sp = s + r * s_rs + h * S;                                                             \
+        const T *qp = q + r * q_rs + h * dh;                                                      \
+        float qf[MAX_DH], d[MAX_OWN], e[MAX_S], acc[MAX_DH];                                      \
+        for (int64_t t = 0; t < dh; t++) qf[t] = LOAD(qp[t]);                                     \
+        float m = -INFINITY;                                                                      \
+        for (int64_t j = 0; j < n_own; j++) {                                                     \
+            const T *kp = ks[j] + r * k_rs[j] + h * dh;                                           \
+            float a = 0.f;                                                                        \
+            _Pragma("omp simd reduction(+:a)")                                                    \
+            for (int64_t t = 0; t < dh; t++) a += qf[t] * LOAD(kp[t]);                            \
+            d[j] = a;                                                                             \
+            m = a > m ? a : m;                                                                    \
+        }                                                                                         \
+        _Pragma("omp simd reduction(max:m)")                                                      \
+        for (int64_t t = 0; t < n; t++) { e[t] = LOAD(sp[t]); m = e[t] > m ? e[t] : m; }         \
+        float z = 0.f;                                                                            \
+        _Pragma("omp simd reduction(+:z)")                                                        \
+        for (int64_t t = 0; t < n; t++) { e[t] = exp_neg(e[t] - m); z += e[t]; }                  \
+        for (int64_t j = 0; j < n_own; j++) { d[j] = exp_neg(d[j] - m); z += d[j]; }              \
+        const float inv = 1.f / z;                                                                \
+        for (int64_t t = 0; t < n; t++) sp[t] = STORE(e[t] * inv);                                \
+        for (int64_t t = n; t < S; t++) sp[t] = 0;                                                \
+        for (int64_t t = 0; t < dh; t++) acc[t] = 0.f;                                            \
+        for (int64_t j = 0; j < n_own; j++) {                                                     \
+            const float p = LOAD(STORE(d[j] * inv));  /* as the probability is stored */          \
+            const T *vp = vs[j] + r * v_rs[j] + h * dh;                                           \
+            _Pragma("omp simd")                                                                   \
+            for (int64_t t = 0; t < dh; t++) acc[t] += p * LOAD(vp[t]);                           \
+        }                                                                                         \
+        T *op = own + rh * dh;                                                                    \
+        for (int64_t t = 0; t < dh; t++) op[t] = STORE(acc[t]);                                   \
+    }                                                                                             \
 }
+
+OWN_ATTENTION(sidrec_own_attention_bf16, uint16_t, bf2f, f2bf)
+OWN_ATTENTION(sidrec_own_attention_f32, float, f32_load, f32_store)
 """
 MAX_OWN, MAX_DH, MAX_S = 8, 256, 4096
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math"]
@@ -158,10 +165,10 @@ def _build() -> ctypes.CDLL | None:
                 return None
             os.replace(so, out)  # atomic: a concurrent builder leaves one complete file
     lib = ctypes.CDLL(str(out))
-    fn = lib.sidrec_own_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
-    fn.restype = None
+    for fn in (lib.sidrec_own_attention_bf16, lib.sidrec_own_attention_f32):
+        fn.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        fn.restype = None
     return lib
 
 
@@ -184,14 +191,17 @@ def available() -> bool:
 
 def supports(s: Tensor, q: Tensor, n_own: int) -> bool:
     """Whether `own_attention` takes these operands (else the caller spells the step out)."""
-    return (s.device.type == "cpu" and s.dtype == torch.bfloat16 and q.dtype == torch.bfloat16
+    return (s.device.type == "cpu" and s.dtype in _FUNCTIONS and q.dtype == s.dtype
             and 0 < n_own <= MAX_OWN and q.shape[-1] <= MAX_DH and s.shape[-1] <= MAX_S and available())
 
 
+_FUNCTIONS = {torch.bfloat16: "sidrec_own_attention_bf16", torch.float32: "sidrec_own_attention_f32"}
+
+
 def _rows(t: Tensor, R: int, H: int, dh: int) -> tuple[Tensor, int]:
-    """t (B, K or 1, H, dh) -> (a tensor whose memory holds it with heads dense, its row stride in
-    elements: 0 where one row is shared by every beam of a request is not expressible, so such a
-    tensor is expanded to rows)."""
+    """t (B, K or 1, H, dh) -> (the same values as R = B*K rows of dense heads, the row stride in
+    elements). A position shared by a request's beams (K = 1) is expanded to rows: one row stride
+    cannot step over beams and requests at once."""
     B = t.shape[0]
     if t.shape[1] == 1 and R != B:
         t = t.expand(B, R // B, H, dh)
@@ -201,9 +211,10 @@ def _rows(t: Tensor, R: int, H: int, dh: int) -> tuple[Tensor, int]:
 
 
 def own_attention(s: Tensor, n: int, q: Tensor, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor:
-    """In place on s: s (B, K, H, S) bf16 context scores (the last S - n slots ignored) become the
+    """In place on s: s (B, K, H, S) context scores (the last S - n slots ignored) become the
     context probabilities (own slots zeroed). q (B, K, H, dh); own_k/own_v lists of (B, K or 1, H, dh)
-    in order, this step's last. Returns the own positions' weighted values (B, K, H, dh) bf16."""
+    in order, this step's last; all bf16 or all fp32. Returns the own positions' weighted values
+    (B, K, H, dh) in that dtype."""
     B, K, H, S = s.shape
     dh = q.shape[-1]
     R = B * K
@@ -212,13 +223,15 @@ def own_attention(s: Tensor, n: int, q: Tensor, own_k: list[Tensor], own_v: list
     q, q_rs = _rows(q, R, H, dh)
     ks, k_rs = zip(*(_rows(k, R, H, dh) for k in own_k))
     vs, v_rs = zip(*(_rows(v, R, H, dh) for v in own_v))
-    out = torch.empty(B, K, H, dh, dtype=torch.bfloat16)
+    if len({s.dtype, q.dtype, *(t.dtype for t in ks + vs)}) != 1 or s.dtype not in _FUNCTIONS:
+        raise ValueError("own_attention needs scores, queries, keys and values of one dtype, bf16 or fp32")
+    out = torch.empty(B, K, H, dh, dtype=s.dtype)
     m = len(ks)
     kp = (ctypes.c_void_p * m)(*(k.data_ptr() for k in ks))
     vp = (ctypes.c_void_p * m)(*(v.data_ptr() for v in vs))
     krs = (ctypes.c_int64 * m)(*k_rs)
     vrs = (ctypes.c_int64 * m)(*v_rs)
     assert _lib is not None
-    _lib.sidrec_own_attention(R, H, S, n, m, dh, s.data_ptr(), s.stride(1), q.data_ptr(), q_rs,
-                              kp, krs, vp, vrs, out.data_ptr())
+    getattr(_lib, _FUNCTIONS[s.dtype])(R, H, S, n, m, dh, s.data_ptr(), s.stride(1), q.data_ptr(), q_rs,
+                                       kp, krs, vp, vrs, out.data_ptr())
     return out

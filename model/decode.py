@@ -23,8 +23,8 @@ parameters, and only re-packs them for decoding:
 * The decoder-only prefill runs BOS as the next token of the history (`prefill_decoder_only`),
   so step 0 costs one row of the prefill instead of a decoder pass.
 * Each beam's own positions (its parents' codes and itself, at most L) are dot products done
-  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4. On the CPU
-  in bf16, the decoder-only absorbed step does those dots, the softmax over context and own
+  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4. On the CPU,
+  the decoder-only absorbed step does those dots, the softmax over context and own
   positions and the own values' weighted sum in one fused pass (`kernels.cpu_attention`, built
   on first use; torch ops where it cannot be built).
 * Large steps (B*K rows above `ROW_CHUNK`) run in beam chunks, so the d_ff-wide activations stay

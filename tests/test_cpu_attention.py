@@ -25,9 +25,10 @@ def reference(s: torch.Tensor, n: int, q, own_k, own_v) -> tuple[torch.Tensor, t
     return p[..., :n], own
 
 
-def operands(B: int, K: int, H: int, dh: int, n: int, slots: int, n_own: int, seed: int):
+def operands(B: int, K: int, H: int, dh: int, n: int, slots: int, n_own: int, seed: int,
+             dtype: torch.dtype = torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    bf = torch.bfloat16
+    bf = dtype
     s = (torch.randn(B, K, H * (n + slots), generator=g) * 3).to(bf).unflatten(-1, (H, n + slots))
     s[..., : n // 3] = float("-inf")  # masked (left-padded) history positions
     qkv = (torch.randn(B, K, 3 * H * dh, generator=g) * 0.5).to(bf)
@@ -41,18 +42,27 @@ def operands(B: int, K: int, H: int, dh: int, n: int, slots: int, n_own: int, se
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("B,K,H,dh,n,slots,n_own", [(1, 1, 1, 8, 5, 1, 1), (3, 7, 2, 16, 9, 3, 2),
                                                      (2, 33, 6, 64, 61, 2, 3), (4, 5, 3, 24, 1, 4, 4)])
-def test_kernel_matches_torch(B, K, H, dh, n, slots, n_own):
-    s, q, own_k, own_v = operands(B, K, H, dh, n, slots, n_own, seed=B * 100 + K)
+def test_kernel_matches_torch(B, K, H, dh, n, slots, n_own, dtype):
+    s, q, own_k, own_v = operands(B, K, H, dh, n, slots, n_own, seed=B * 100 + K, dtype=dtype)
     p_ref, own_ref = reference(s, n, q, own_k, own_v)
     masked = torch.isneginf(s[..., :n])
     got = cpu_attention.own_attention(s, n, q, own_k, own_v)
-    assert got.dtype == torch.bfloat16 and got.shape == (B, K, H, dh)
-    torch.testing.assert_close(s[..., :n].float(), p_ref, rtol=0, atol=4e-3)  # bf16 probabilities
+    assert got.dtype == dtype and got.shape == (B, K, H, dh)
+    tol = 4e-3 if dtype == torch.bfloat16 else 1e-5  # bf16 rounding; fp32: the kernel's exp (1e-5)
+    torch.testing.assert_close(s[..., :n].float(), p_ref, rtol=0, atol=tol)
     assert (s[..., :n][masked] == 0).all()  # masked positions get exactly nothing
     assert (s[..., n:] == 0).all()  # the own slots: their values come back in `got`
-    torch.testing.assert_close(got.float(), own_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), own_ref, rtol=5 * tol, atol=5 * tol)
+
+
+@needs_kernel
+def test_kernel_rejects_mixed_dtypes():
+    s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 2, seed=0)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_attention.own_attention(s, 5, q, [own_k[0].float(), own_k[1]], own_v)
 
 
 @needs_kernel
@@ -63,9 +73,10 @@ def test_kernel_rejects_score_rows_it_cannot_address():
 
 
 @needs_kernel
-def test_decoder_only_steps_agree_with_and_without_kernel(monkeypatch):
-    """A decoder-only bf16 beam search (absorbed context, the kernel's path) gives the same logits,
-    within bf16 rounding, and the same beams, with the kernel and with torch ops."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decoder_only_steps_agree_with_and_without_kernel(monkeypatch, dtype):
+    """A decoder-only beam search (absorbed context, the kernel's path) gives the same scores,
+    within bf16 rounding (fp32: 1e-4), and the same beams, with the kernel and with torch ops."""
     import model.decode as decode
     from model.beam_search import beam_search, encode_histories
     from test_decoding import make_catalogue, make_model
@@ -84,10 +95,14 @@ def test_decoder_only_steps_agree_with_and_without_kernel(monkeypatch):
     out = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("SIDREC_CPU_KERNELS", flag)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out[flag] = beam_search(model, trie, src, mask, 12, 6)
     assert calls, "the kernel was not used"
     a, b = out["0"], out["1"]
+    if dtype == torch.float32:
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.items, b.items)
+        return
     torch.testing.assert_close(b.scores, a.scores, rtol=2e-2, atol=3e-2)
     overlap = sum(len(set(x) & set(y)) for x, y in zip(a.items.tolist(), b.items.tolist()))
     assert overlap >= 0.9 * a.items.numel()
