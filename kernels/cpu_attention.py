@@ -14,13 +14,13 @@ weighted values. At 32 requests x 256 beams those passes cost more than the step
     own[r, h]        = sum_j p_j * v_j[r, h]
 
 It is plain C over raw bf16 or fp32 buffers, with fp32 arithmetic (no torch headers: it compiles
-in about two seconds), built
-on first use with the machine's C compiler into `~/.cache/sidrec/kernels` (or
-`$SIDREC_KERNEL_CACHE`), keyed by its source, flags and CPU, and called through ctypes; its OpenMP
-loop runs on torch's own OpenMP runtime and thread count (the library resolves to the libgomp torch
-already loaded). Where there is no compiler, or the build fails, `available()` is False and the
-decoder keeps the torch ops: the kernel is an optimisation, never a requirement. SIDREC_CPU_KERNELS=0
-turns it off. tests/test_decoding.py holds the decoder to the same numbers with it and without.
+in about two seconds), built on first use with the machine's C compiler into
+`~/.cache/sidrec/kernels` (or `$SIDREC_KERNEL_CACHE`), keyed by its source, flags and CPU, and
+called through ctypes; its OpenMP loop runs on torch's own OpenMP runtime and thread count (the
+library resolves to the libgomp torch already loaded). Where there is no compiler, or the build
+fails, `available()` is False and the decoder keeps the torch ops: the kernel is an optimisation,
+never a requirement. SIDREC_CPU_KERNELS=0 turns it off. tests/test_cpu_attention.py holds it to
+torch, alone and inside a beam search.
 """
 from __future__ import annotations
 
@@ -215,11 +215,26 @@ def own_attention(s: Tensor, n: int, q: Tensor, own_k: list[Tensor], own_v: list
     context probabilities (own slots zeroed). q (B, K, H, dh); own_k/own_v lists of (B, K or 1, H, dh)
     in order, this step's last; all bf16 or all fp32. Returns the own positions' weighted values
     (B, K, H, dh) in that dtype."""
+    # The C side trusts every shape and stride it is given: check them all here.
+    if s.dim() != 4 or q.dim() != 4:
+        raise ValueError(f"own_attention needs 4-d scores and queries, got {tuple(s.shape)} and {tuple(q.shape)}")
     B, K, H, S = s.shape
     dh = q.shape[-1]
     R = B * K
+    if tuple(q.shape[:3]) != (B, K, H) or not 0 <= n <= S or S > MAX_S or dh > MAX_DH:
+        raise ValueError(f"own_attention: queries {tuple(q.shape)} do not fit scores {tuple(s.shape)} "
+                         f"with n = {n} (S <= {MAX_S}, dh <= {MAX_DH})")
+    if not 0 < len(own_k) == len(own_v) <= MAX_OWN or any(
+            t.dim() != 4 or t.shape[0] != B or t.shape[1] not in (1, K) or tuple(t.shape[2:]) != (H, dh)
+            for t in own_k + own_v):
+        raise ValueError(f"own_attention needs 1..{MAX_OWN} own keys and as many values, each (B, K or 1, H, dh) "
+                         f"= ({B}, {K} or 1, {H}, {dh})")
+    if any(t.device.type != "cpu" for t in (s, q, *own_k, *own_v)):
+        raise ValueError("own_attention runs on CPU tensors only")
     if s.stride(-1) != 1 or s.stride(-2) != S or s.stride(0) != K * s.stride(1):
         raise ValueError("own_attention needs score rows with dense heads")
+    if not available():
+        raise RuntimeError("the fused CPU attention kernel is not available (see kernels.cpu_attention.available)")
     q, q_rs = _rows(q, R, H, dh)
     ks, k_rs = zip(*(_rows(k, R, H, dh) for k in own_k))
     vs, v_rs = zip(*(_rows(v, R, H, dh) for v in own_v))
@@ -231,7 +246,6 @@ def own_attention(s: Tensor, n: int, q: Tensor, own_k: list[Tensor], own_v: list
     vp = (ctypes.c_void_p * m)(*(v.data_ptr() for v in vs))
     krs = (ctypes.c_int64 * m)(*k_rs)
     vrs = (ctypes.c_int64 * m)(*v_rs)
-    assert _lib is not None
     getattr(_lib, _FUNCTIONS[s.dtype])(R, H, S, n, m, dh, s.data_ptr(), s.stride(1), q.data_ptr(), q_rs,
                                        kp, krs, vp, vrs, out.data_ptr())
     return out

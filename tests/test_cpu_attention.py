@@ -59,6 +59,19 @@ def test_kernel_matches_torch(B, K, H, dh, n, slots, n_own, dtype):
 
 
 @needs_kernel
+def test_kernel_rejects_shapes_it_would_read_past():
+    s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 2, seed=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_attention.own_attention(s, 5, q[:, :3], own_k, own_v)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_attention.own_attention(s, 7, q, own_k, own_v)  # n past the score rows
+    with pytest.raises(ValueError, match="own keys"):
+        cpu_attention.own_attention(s, 5, q, own_k, own_v[:1])
+    with pytest.raises(ValueError, match="own keys"):
+        cpu_attention.own_attention(s, 5, q, [own_k[0], own_k[1][:, :, :, :4]], own_v)
+
+
+@needs_kernel
 def test_kernel_rejects_mixed_dtypes():
     s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 2, seed=0)
     with pytest.raises(ValueError, match="one dtype"):
@@ -68,8 +81,10 @@ def test_kernel_rejects_mixed_dtypes():
 @needs_kernel
 def test_kernel_rejects_score_rows_it_cannot_address():
     s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 1, seed=0)
+    padded = torch.zeros(*s.shape[:3], s.shape[3] + 3, dtype=s.dtype)[..., : s.shape[3]]  # heads 3 apart
+    padded.copy_(s)
     with pytest.raises(ValueError, match="dense heads"):
-        cpu_attention.own_attention(s.transpose(1, 2), 5, q, own_k, own_v)
+        cpu_attention.own_attention(padded, 5, q, own_k, own_v)
 
 
 @needs_kernel
