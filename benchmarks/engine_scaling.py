@@ -116,7 +116,7 @@ def main() -> None:
                 key = f"beam{beam}" + (f"_{v}" if v else "")
                 out[key] = {"scaling_32_over_1": round(32 * by[1] / by[32], 2),
                             "p99_bound_over_p50": round(by[32] / by[1], 2)}
-                print(f"beam {beam} {v or ''}: throughput at batch 32 = {out[key]['scaling_32_over_1']}x batch 1; "
+                print(f"beam {beam}{' ' + v if v else ''}: throughput at batch 32 = {out[key]['scaling_32_over_1']}x batch 1; "
                       f"p99(32 clients) / p50(1 client) >= {out[key]['p99_bound_over_p50']} (target <= 4)")
     print(json.dumps({"bench": "engine_scaling", "bundle": str(bundle), "device": a.device, "threads": a.threads,
                       "dtype": eng.options.dtype, "reps": a.reps, "rows": rows, "bounds": out,
