@@ -16,11 +16,11 @@ weighted values. At 32 requests x 256 beams those passes cost more than the step
 It is plain C over raw bf16 or fp32 buffers, with fp32 arithmetic (no torch headers: it compiles
 in about two seconds), built on first use with the machine's C compiler into
 `~/.cache/sidrec/kernels` (or `$SIDREC_KERNEL_CACHE`), keyed by its source, flags and CPU, and
-called through ctypes; its OpenMP loop runs on torch's own OpenMP runtime and thread count (the
-library resolves to the libgomp torch already loaded). Where there is no compiler, or the build
-fails, `available()` is False and the decoder keeps the torch ops: the kernel is an optimisation,
-never a requirement. SIDREC_CPU_KERNELS=0 turns it off. tests/test_cpu_attention.py holds it to
-torch, alone and inside a beam search.
+called through ctypes. Its OpenMP loop runs on torch's own OpenMP runtime (the library resolves
+to the libgomp torch already loaded) with torch's thread count. Where there is no compiler, or
+the build fails, `available()` is False and the decoder keeps the torch ops: the kernel is an
+optimisation, never a requirement. SIDREC_CPU_KERNELS=0 turns it off. tests/test_cpu_attention.py
+holds it to torch, alone and inside a beam search.
 """
 from __future__ import annotations
 
@@ -79,12 +79,14 @@ static inline float f32_store(float x) { return x; }
 
 /* rows R, heads H; s: (R, H, S) with row stride s_rs and head stride S; q: (R, H, dh), row stride
    q_rs, head stride dh; ks[j]/vs[j]: (R, H, dh), row strides k_rs[j]/v_rs[j]; own: (R, H, dh)
-   contiguous. T is the element type (bf16 as uint16_t, or float); all arithmetic is in float. */
+   contiguous. T is the element type (bf16 as uint16_t, or float); all arithmetic is in float.
+   nthreads: the caller's torch thread count (a thread other than the one that set it would
+   otherwise get OpenMP's default, every core). */
 #define OWN_ATTENTION(NAME, T, LOAD, STORE)                                                       \
 void NAME(int64_t R, int64_t H, int64_t S, int64_t n, int64_t n_own, int64_t dh,                  \
           T *s, int64_t s_rs, const T *q, int64_t q_rs, const T *const *ks, const int64_t *k_rs,  \
-          const T *const *vs, const int64_t *v_rs, T *own) {                                      \
-    _Pragma("omp parallel for schedule(static)")                                                  \
+          const T *const *vs, const int64_t *v_rs, T *own, int nthreads) {                        \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
     for (int64_t rh = 0; rh < R * H; rh++) {                                                      \
         const int64_t r = rh / H, h = rh % H;                                                     \
         T *sp = s + r * s_rs + h * S;                                                             \
@@ -167,7 +169,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.sidrec_own_attention_bf16, lib.sidrec_own_attention_f32):
-        fn.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        fn.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         fn.restype = None
     return lib
 
@@ -247,5 +249,5 @@ def own_attention(s: Tensor, n: int, q: Tensor, own_k: list[Tensor], own_v: list
     krs = (ctypes.c_int64 * m)(*k_rs)
     vrs = (ctypes.c_int64 * m)(*v_rs)
     getattr(_lib, _FUNCTIONS[s.dtype])(R, H, S, n, m, dh, s.data_ptr(), s.stride(1), q.data_ptr(), q_rs,
-                                       kp, krs, vp, vrs, out.data_ptr())
+                                       kp, krs, vp, vrs, out.data_ptr(), torch.get_num_threads())
     return out
