@@ -1,4 +1,4 @@
-"""A fused CPU kernel for the wide decode step's attention: one pass instead of six tensor ops.
+"""A fused CPU kernel for a decode step's attention: one pass instead of several tensor ops.
 
 In a decoder-only step, every beam's attention is one softmax over its request's context (scores
 from one GEMM, `model.decode.Context`) and its own few positions (its parents' codes and itself).
@@ -12,6 +12,11 @@ weighted values. At 32 requests x 256 beams those passes cost more than the step
     softmax over [s[r, h, :n], d[r, h, :]]    (fp32, max-subtracted)
     s[r, h, n:]      = 0                      (the own slots: their values are added below)
     own[r, h]        = sum_j p_j * v_j[r, h]
+
+The encoder-decoder step uses the same pass twice: with no context (its self-attention over the
+beam's own positions: `self_attention`) and with no own positions (its cross-attention's softmax,
+in place: `softmax_`). A position all beams of a request share (the BOS step) is read in place
+through a zero beam stride.
 
 It is plain C over raw bf16 or fp32 buffers, with fp32 arithmetic (no torch headers: it compiles
 in about two seconds), built on first use with the machine's C compiler into
@@ -77,25 +82,30 @@ static inline float exp_neg(float x) {
 static inline float f32_load(float x) { return x; }
 static inline float f32_store(float x) { return x; }
 
-/* rows R, heads H; s: (R, H, S) with row stride s_rs and head stride S; q: (R, H, dh), row stride
-   q_rs, head stride dh; ks[j]/vs[j]: (R, H, dh), row strides k_rs[j]/v_rs[j]; own: (R, H, dh)
-   contiguous. T is the element type (bf16 as uint16_t, or float); all arithmetic is in float.
-   nthreads: the caller's torch thread count (a thread other than the one that set it would
-   otherwise get OpenMP's default, every core). */
+/* B requests x K beams x H heads. Every operand is addressed as base + b * sb + k * sk + h * hs:
+   s (scores, head stride S), q, ks[j], vs[j] (head stride dh); sk = 0 for a position all beams of a
+   request share. own (B, K, H, dh) is dense. S = 0: no context (s unused); n_own = 0: no own
+   positions (q, ks, vs, own unused). T is the element type (bf16 as uint16_t, or float); all
+   arithmetic is in float. nthreads: the caller's torch thread count (a thread other than the one
+   that set it would otherwise get OpenMP's default, every core). A row with nothing to attend to
+   (all context masked, no own positions) gets all-zero probabilities. */
 #define OWN_ATTENTION(NAME, T, LOAD, STORE)                                                       \
-void NAME(int64_t R, int64_t H, int64_t S, int64_t n, int64_t n_own, int64_t dh,                  \
-          T *s, int64_t s_rs, const T *q, int64_t q_rs, const T *const *ks, const int64_t *k_rs,  \
-          const T *const *vs, const int64_t *v_rs, T *own, int nthreads) {                        \
+void NAME(int64_t B, int64_t K, int64_t H, int64_t S, int64_t n, int64_t n_own, int64_t dh,       \
+          T *s, int64_t s_sb, int64_t s_sk, const T *q, int64_t q_sb, int64_t q_sk,               \
+          const T *const *ks, const int64_t *k_sb, const int64_t *k_sk,                          \
+          const T *const *vs, const int64_t *v_sb, const int64_t *v_sk, T *own, int nthreads) {  \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
-    for (int64_t rh = 0; rh < R * H; rh++) {                                                      \
-        const int64_t r = rh / H, h = rh % H;                                                     \
-        T *sp = s + r * s_rs + h * S;                                                             \
-        const T *qp = q + r * q_rs + h * dh;                                                      \
+    for (int64_t bkh = 0; bkh < B * K * H; bkh++) {                                               \
+        const int64_t h = bkh % H, bk = bkh / H, k = bk % K, b = bk / K;                          \
+        T *sp = S ? s + b * s_sb + k * s_sk + h * S : 0;                                          \
         float qf[MAX_DH], d[MAX_OWN], e[MAX_S], acc[MAX_DH];                                      \
-        for (int64_t t = 0; t < dh; t++) qf[t] = LOAD(qp[t]);                                     \
         float m = -INFINITY;                                                                      \
+        if (n_own) {                                                                              \
+            const T *qp = q + b * q_sb + k * q_sk + h * dh;                                       \
+            for (int64_t t = 0; t < dh; t++) qf[t] = LOAD(qp[t]);                                 \
+        }                                                                                         \
         for (int64_t j = 0; j < n_own; j++) {                                                     \
-            const T *kp = ks[j] + r * k_rs[j] + h * dh;                                           \
+            const T *kp = ks[j] + b * k_sb[j] + k * k_sk[j] + h * dh;                             \
             float a = 0.f;                                                                        \
             _Pragma("omp simd reduction(+:a)")                                                    \
             for (int64_t t = 0; t < dh; t++) a += qf[t] * LOAD(kp[t]);                            \
@@ -104,21 +114,23 @@ void NAME(int64_t R, int64_t H, int64_t S, int64_t n, int64_t n_own, int64_t dh,
         }                                                                                         \
         _Pragma("omp simd reduction(max:m)")                                                      \
         for (int64_t t = 0; t < n; t++) { e[t] = LOAD(sp[t]); m = e[t] > m ? e[t] : m; }         \
+        if (m == -INFINITY) m = 0.f;  /* nothing to attend to: every weight below comes out 0 */  \
         float z = 0.f;                                                                            \
         _Pragma("omp simd reduction(+:z)")                                                        \
         for (int64_t t = 0; t < n; t++) { e[t] = exp_neg(e[t] - m); z += e[t]; }                  \
         for (int64_t j = 0; j < n_own; j++) { d[j] = exp_neg(d[j] - m); z += d[j]; }              \
-        const float inv = 1.f / z;                                                                \
+        const float inv = z > 0.f ? 1.f / z : 0.f;                                                \
         for (int64_t t = 0; t < n; t++) sp[t] = STORE(e[t] * inv);                                \
         for (int64_t t = n; t < S; t++) sp[t] = 0;                                                \
+        if (!n_own) continue;                                                                     \
         for (int64_t t = 0; t < dh; t++) acc[t] = 0.f;                                            \
         for (int64_t j = 0; j < n_own; j++) {                                                     \
             const float p = LOAD(STORE(d[j] * inv));  /* as the probability is stored */          \
-            const T *vp = vs[j] + r * v_rs[j] + h * dh;                                           \
+            const T *vp = vs[j] + b * v_sb[j] + k * v_sk[j] + h * dh;                             \
             _Pragma("omp simd")                                                                   \
             for (int64_t t = 0; t < dh; t++) acc[t] += p * LOAD(vp[t]);                           \
         }                                                                                         \
-        T *op = own + rh * dh;                                                                    \
+        T *op = own + bkh * dh;                                                                   \
         for (int64_t t = 0; t < dh; t++) op[t] = STORE(acc[t]);                                   \
     }                                                                                             \
 }
@@ -169,7 +181,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(out))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.sidrec_own_attention_bf16, lib.sidrec_own_attention_f32):
-        fn.argtypes = [i64, i64, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+        fn.argtypes = [i64] * 7 + [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         fn.restype = None
     return lib
 
@@ -191,63 +203,88 @@ def available() -> bool:
     return _lib is not None
 
 
-def supports(s: Tensor, q: Tensor, n_own: int) -> bool:
-    """Whether `own_attention` takes these operands (else the caller spells the step out)."""
-    return (s.device.type == "cpu" and s.dtype in _FUNCTIONS and q.dtype == s.dtype
-            and 0 < n_own <= MAX_OWN and q.shape[-1] <= MAX_DH and s.shape[-1] <= MAX_S and available())
+def supports(s: Tensor | None, q: Tensor, n_own: int) -> bool:
+    """Whether `attention` takes these operands (else the caller spells the step out): CPU tensors
+    of one supported dtype, within the kernel's fixed bounds, and the kernel built."""
+    t = q if s is None else s
+    return (t.device.type == "cpu" and t.dtype in _FUNCTIONS and q.dtype == t.dtype and n_own <= MAX_OWN
+            and q.shape[-1] <= MAX_DH and (s is None or s.shape[-1] <= MAX_S) and available())
 
 
 _FUNCTIONS = {torch.bfloat16: "sidrec_own_attention_bf16", torch.float32: "sidrec_own_attention_f32"}
 
 
-def _rows(t: Tensor, R: int, H: int, dh: int) -> tuple[Tensor, int]:
-    """t (B, K or 1, H, dh) -> (the same values as R = B*K rows of dense heads, the row stride in
-    elements). A position shared by a request's beams (K = 1) is expanded to rows: one row stride
-    cannot step over beams and requests at once."""
-    B = t.shape[0]
-    if t.shape[1] == 1 and R != B:
-        t = t.expand(B, R // B, H, dh)
-    if t.stride(-1) != 1 or t.stride(-2) != dh or t.stride(0) != t.shape[1] * t.stride(1):
+def _strides(t: Tensor, inner: int) -> tuple[Tensor, int, int]:
+    """t (B, K or 1, H, inner) -> (t or a dense copy, its request stride, its beam stride): heads
+    must be `inner` apart and dense; a position shared by a request's beams (K = 1) gets beam
+    stride 0, so it is read in place, never copied per beam."""
+    if t.stride(-1) != 1 or t.stride(-2) != inner:
         t = t.contiguous()
-    return t, t.stride(1)
+    return t, t.stride(0), (0 if t.shape[1] == 1 else t.stride(1))
+
+
+def attention(s: Tensor | None, n: int, q: Tensor, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor | None:
+    """One softmax per (request, beam, head) over context scores and the beam's own positions.
+
+    s (B, K, H, S) context scores or None (no context): in place, s[..., :n] become the context
+    probabilities and s[..., n:] zero (the own slots; their values come back in the result).
+    q (B, K, H, dh); own_k/own_v: lists of (B, K or 1, H, dh), in order (may be empty: then the
+    call is a softmax of s in place). All one dtype, bf16 or fp32. Returns sum_j p_j v_j
+    (B, K, H, dh) in that dtype, or None without own positions."""
+    # The C side trusts every shape and stride it is given: check them all here.
+    if q.dim() != 4 or (s is not None and s.dim() != 4):
+        raise ValueError(f"attention needs 4-d queries and scores, got {tuple(q.shape)} and "
+                         f"{None if s is None else tuple(s.shape)}")
+    B, K, H, dh = q.shape
+    S = 0 if s is None else s.shape[-1]
+    if (s is not None and tuple(s.shape[:3]) != (B, K, H)) or not 0 <= n <= S or S > MAX_S or dh > MAX_DH:
+        raise ValueError(f"attention: queries {tuple(q.shape)} do not fit scores "
+                         f"{None if s is None else tuple(s.shape)} with n = {n} (S <= {MAX_S}, dh <= {MAX_DH})")
+    if len(own_k) != len(own_v) or len(own_k) > MAX_OWN or (s is None and not own_k) or any(
+            t.dim() != 4 or t.shape[0] != B or t.shape[1] not in (1, K) or tuple(t.shape[2:]) != (H, dh)
+            for t in own_k + own_v):
+        raise ValueError(f"attention needs up to {MAX_OWN} own keys and as many values, each (B, K or 1, H, dh) "
+                         f"= ({B}, {K} or 1, {H}, {dh}), and scores or own positions")
+    tensors = [q, *own_k, *own_v] + ([] if s is None else [s])
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("attention runs on CPU tensors only")
+    if len({t.dtype for t in tensors}) != 1 or q.dtype not in _FUNCTIONS:
+        raise ValueError("attention needs scores, queries, keys and values of one dtype, bf16 or fp32")
+    if s is not None and (s.stride(-1) != 1 or s.stride(-2) != S):
+        raise ValueError("attention needs score rows with dense heads (it writes them in place)")
+    if not available():
+        raise RuntimeError("the fused CPU attention kernel is not available (see kernels.cpu_attention.available)")
+    m = len(own_k)
+    q, q_sb, q_sk = _strides(q, dh)
+    ks, k_sb, k_sk = zip(*(_strides(t, dh) for t in own_k)) if m else ((), (), ())
+    vs, v_sb, v_sk = zip(*(_strides(t, dh) for t in own_v)) if m else ((), (), ())
+    out = torch.empty(B, K, H, dh, dtype=q.dtype) if m else None
+    s_sb, s_sk = (0, 0) if s is None else (s.stride(0), 0 if s.shape[1] == 1 else s.stride(1))
+
+    def arr(kind, xs):
+        return (kind * max(m, 1))(*xs) if m else (kind * 1)()
+    getattr(_lib, _FUNCTIONS[q.dtype])(
+        B, K, H, S, n, m, dh, None if s is None else s.data_ptr(), s_sb, s_sk, q.data_ptr(), q_sb, q_sk,
+        arr(ctypes.c_void_p, [t.data_ptr() for t in ks]), arr(ctypes.c_int64, k_sb), arr(ctypes.c_int64, k_sk),
+        arr(ctypes.c_void_p, [t.data_ptr() for t in vs]), arr(ctypes.c_int64, v_sb), arr(ctypes.c_int64, v_sk),
+        None if out is None else out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def own_attention(s: Tensor, n: int, q: Tensor, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor:
-    """In place on s: s (B, K, H, S) context scores (the last S - n slots ignored) become the
-    context probabilities (own slots zeroed). q (B, K, H, dh); own_k/own_v lists of (B, K or 1, H, dh)
-    in order, this step's last; all bf16 or all fp32. Returns the own positions' weighted values
-    (B, K, H, dh) in that dtype."""
-    # The C side trusts every shape and stride it is given: check them all here.
-    if s.dim() != 4 or q.dim() != 4:
-        raise ValueError(f"own_attention needs 4-d scores and queries, got {tuple(s.shape)} and {tuple(q.shape)}")
-    B, K, H, S = s.shape
-    dh = q.shape[-1]
-    R = B * K
-    if tuple(q.shape[:3]) != (B, K, H) or not 0 <= n <= S or S > MAX_S or dh > MAX_DH:
-        raise ValueError(f"own_attention: queries {tuple(q.shape)} do not fit scores {tuple(s.shape)} "
-                         f"with n = {n} (S <= {MAX_S}, dh <= {MAX_DH})")
-    if not 0 < len(own_k) == len(own_v) <= MAX_OWN or any(
-            t.dim() != 4 or t.shape[0] != B or t.shape[1] not in (1, K) or tuple(t.shape[2:]) != (H, dh)
-            for t in own_k + own_v):
-        raise ValueError(f"own_attention needs 1..{MAX_OWN} own keys and as many values, each (B, K or 1, H, dh) "
-                         f"= ({B}, {K} or 1, {H}, {dh})")
-    if any(t.device.type != "cpu" for t in (s, q, *own_k, *own_v)):
-        raise ValueError("own_attention runs on CPU tensors only")
-    if s.stride(-1) != 1 or s.stride(-2) != S or s.stride(0) != K * s.stride(1):
-        raise ValueError("own_attention needs score rows with dense heads")
-    if not available():
-        raise RuntimeError("the fused CPU attention kernel is not available (see kernels.cpu_attention.available)")
-    q, q_rs = _rows(q, R, H, dh)
-    ks, k_rs = zip(*(_rows(k, R, H, dh) for k in own_k))
-    vs, v_rs = zip(*(_rows(v, R, H, dh) for v in own_v))
-    if len({s.dtype, q.dtype, *(t.dtype for t in ks + vs)}) != 1 or s.dtype not in _FUNCTIONS:
-        raise ValueError("own_attention needs scores, queries, keys and values of one dtype, bf16 or fp32")
-    out = torch.empty(B, K, H, dh, dtype=s.dtype)
-    m = len(ks)
-    kp = (ctypes.c_void_p * m)(*(k.data_ptr() for k in ks))
-    vp = (ctypes.c_void_p * m)(*(v.data_ptr() for v in vs))
-    krs = (ctypes.c_int64 * m)(*k_rs)
-    vrs = (ctypes.c_int64 * m)(*v_rs)
-    getattr(_lib, _FUNCTIONS[s.dtype])(R, H, S, n, m, dh, s.data_ptr(), s.stride(1), q.data_ptr(), q_rs,
-                                       kp, krs, vp, vrs, out.data_ptr(), torch.get_num_threads())
-    return out
+    """The decoder-only step: context scores and own positions in one softmax (see `attention`)."""
+    if not own_k:
+        raise ValueError("own_attention needs at least one own position (this step's)")
+    return attention(s, n, q, own_k, own_v)
+
+
+def self_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor:
+    """The encoder-decoder step's self-attention: over the beam's own positions only."""
+    return attention(None, 0, q, own_k, own_v)
+
+
+def softmax_(s: Tensor) -> Tensor:
+    """In place: s (B, K, H, S) scores -> probabilities over the last dim, in s's dtype (the
+    encoder-decoder step's cross-attention). Returns s."""
+    attention(s, s.shape[-1], s.new_empty(*s.shape[:3], 1), [], [])  # the query is not read without own positions
+    return s

@@ -23,10 +23,11 @@ parameters, and only re-packs them for decoding:
 * The decoder-only prefill runs BOS as the next token of the history (`prefill_decoder_only`),
   so step 0 costs one row of the prefill instead of a decoder pass.
 * Each beam's own positions (its parents' codes and itself, at most L) are dot products done
-  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4. On the CPU,
-  the decoder-only absorbed step does those dots, the softmax over context and own
-  positions and the own values' weighted sum in one fused pass (`kernels.cpu_attention`, built
-  on first use; torch ops where it cannot be built).
+  elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4. On the CPU
+  they run in one fused pass (`kernels.cpu_attention`, built on first use; torch ops where it
+  cannot be built): in a decoder-only absorbed step the dots, the one softmax over context and
+  own positions and the own values' weighted sum; in an encoder-decoder step the self-attention
+  over the own positions, and the cross-attention's softmax in place.
 * Large steps (B*K rows above `ROW_CHUNK`) run in beam chunks, so the d_ff-wide activations stay
   under glibc's mmap threshold (not page-faulted afresh on every call).
 
@@ -368,15 +369,21 @@ def _step_encdec(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor], 
     """One decoder layer for Kc beams: self-attention over the own positions, then cross-attention."""
     dt = w.qkv.dtype
     q, k, v = _split_heads(F.linear(_norm(x, eps, dt), w.qkv), h, dh)
-    if own_k:
-        o = _weighted(_softmax_small(_dots(q, own_k + [k]).float()), own_v + [v])
-    else:
+    if not own_k:
         o = v  # one position: the softmax is 1, the output is v
+    elif cpu_attention.supports(None, q, len(own_k) + 1):  # the same, fused in one pass
+        o = cpu_attention.self_attention(q, own_k + [k], own_v + [v])
+    else:
+        o = _weighted(_softmax_small(_dots(q, own_k + [k]).float()), own_v + [v])
     x = x + F.linear(o.reshape(*x.shape[:2], -1), w.o)
     xn = _norm(x, eps, dt)
     cq = None if ctx.a is not None else F.linear(xn, w.cq).unflatten(-1, (h, dh))
-    p = torch.softmax(_context_scores(ctx, xn, cq), -1, dtype=torch.float32)
-    x = x + _context_output(ctx, p.to(dt), w.co, None)
+    s = _context_scores(ctx, xn, cq)
+    if ctx.a is not None and cpu_attention.supports(s, q, 0):
+        p = cpu_attention.softmax_(s)  # in place, in the compute dtype
+    else:
+        p = torch.softmax(s, -1, dtype=torch.float32).to(dt)
+    x = x + _context_output(ctx, p, w.co, None)
     return _ffn(w, x, eps), k, v
 
 

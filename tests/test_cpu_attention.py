@@ -89,9 +89,28 @@ def test_kernel_rejects_score_rows_it_cannot_address():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_decoder_only_steps_agree_with_and_without_kernel(monkeypatch, dtype):
-    """A decoder-only beam search (absorbed context, the kernel's path) gives the same scores,
-    within bf16 rounding (fp32: 1e-4), and the same beams, with the kernel and with torch ops."""
+def test_self_attention_and_softmax_match_torch(dtype):
+    """The encoder-decoder step's two uses: attention over own positions only (one of them shared
+    by all beams, read in place), and a softmax of context scores in place."""
+    s, q, own_k, own_v = operands(3, 5, 2, 16, 9, 0, 3, seed=7, dtype=dtype)
+    got = cpu_attention.self_attention(q, own_k, own_v)
+    _, own_ref = reference(s[..., :0], 0, q, own_k, own_v)
+    tol = 4e-3 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), own_ref, rtol=5 * tol, atol=5 * tol)
+    s[1, 2] = float("-inf")  # a request/beam with every context position masked: all zeros, not NaN
+    ref = torch.softmax(s.float(), -1).nan_to_num(0.0)
+    out = cpu_attention.softmax_(s)
+    assert out is s and s.dtype == dtype
+    torch.testing.assert_close(s.float(), ref, rtol=0, atol=tol)
+    assert (s[1, 2] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["decoder_only", "encoder_decoder"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_beam_search_agrees_with_and_without_kernel(monkeypatch, dtype, arch):
+    """A beam search (absorbed context, the kernel's paths) gives the same scores, within bf16
+    rounding (fp32: 1e-4), and the same beams, with the kernel and with torch ops."""
     import model.decode as decode
     from model.beam_search import beam_search, encode_histories
     from test_decoding import make_catalogue, make_model
@@ -99,14 +118,14 @@ def test_decoder_only_steps_agree_with_and_without_kernel(monkeypatch, dtype):
     from kernels.trie import PrefixTrie
 
     monkeypatch.setattr(decode, "ABSORB_MIN_BEAMS", 1)
-    model = make_model("decoder_only", seed=3, scale=1.0)
+    model = make_model(arch, seed=3, scale=1.0)
     sid_map = make_catalogue(60, seed=3)
     trie = PrefixTrie.build(sid_map, model.cards)
     src, mask = encode_histories([[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10, 11]], sid_map, model.offsets,
                                  model.cfg.max_history)
     calls = []
-    real = cpu_attention.own_attention
-    monkeypatch.setattr(cpu_attention, "own_attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
     out = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("SIDREC_CPU_KERNELS", flag)
