@@ -27,7 +27,7 @@ RUN pip install ".[serve]" \
  && python -c "import service.app, model.engine"
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
-# A C compiler: the engine builds its fused CPU attention kernel on first use (kernels/cpu_attention.py;
+# A C compiler: the engine builds its fused CPU kernels on first use (kernels/cpu_fused.py;
 # without one it falls back to torch ops), and Triton compiles its launchers with it on a GPU.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--beams", type=int, nargs="+", default=list(BEAMS))
     ap.add_argument("--ab-cpu-kernel", action="store_true",
-                    help="time every config twice, with the fused CPU attention kernel (kernels.cpu_attention) "
+                    help="time every config twice, with the fused CPU attention kernel (kernels.cpu_fused) "
                          "and with torch ops, alternating call by call, and report the speedup")
     a = ap.parse_args()
 
@@ -69,10 +69,10 @@ def main() -> None:
     rows, out, ab = [], {}, {}
     variants = ("torch", "kernel") if a.ab_cpu_kernel else (None,)
     if a.ab_cpu_kernel:
-        from kernels import cpu_attention
+        from kernels import cpu_fused
 
         os.environ["SIDREC_CPU_KERNELS"] = "1"
-        if not cpu_attention.available():
+        if not cpu_fused.available():
             raise SystemExit("--ab-cpu-kernel: the fused CPU attention kernel is not available here")
 
     def use(variant: str | None) -> None:

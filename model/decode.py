@@ -24,7 +24,7 @@ parameters, and only re-packs them for decoding:
   so step 0 costs one row of the prefill instead of a decoder pass.
 * Each beam's own positions (its parents' codes and itself, at most L) are dot products done
   elementwise: a batched GEMM per (beam, head) of size 1 x dh x t is slower at t <= 4. On the CPU
-  they run in one fused pass (`kernels.cpu_attention`, built on first use; torch ops where it
+  they run in one fused pass (`kernels.cpu_fused`, built on first use; torch ops where it
   cannot be built): in a decoder-only absorbed step the dots, the one softmax over context and
   own positions and the own values' weighted sum; in an encoder-decoder step the self-attention
   over the own positions, and the cross-attention's softmax in place.
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_attention
+from kernels import cpu_fused
 
 ROW_CHUNK = 8192  # rows (batch x beams) per chunk: 8192 x d_ff(1024) bf16 = 16 MB, under the 32 MB mmap threshold
 # Steps with at least this many beams per request attend to the context in absorbed form.
@@ -133,7 +133,12 @@ def decode_weights(model, dtype: torch.dtype) -> DecodeWeights:
 
 
 def _norm(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """RMSNorm without gain (the gain lives in the next projection), cast to the matmul dtype."""
+    """RMSNorm without gain (the gain lives in the next projection), cast to the matmul dtype.
+    On the CPU one fused pass (`kernels.cpu_fused.rms_norm`) instead of five; exported graphs
+    keep the torch op."""
+    if (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+            and cpu_fused.rms_norm_supports(x, dtype)):
+        return cpu_fused.rms_norm(x, eps, dtype)
     return F.rms_norm(x, (x.shape[-1],), None, eps).to(dtype)
 
 
@@ -352,8 +357,8 @@ def _step_deconly(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor],
     q, k, v = _split_heads(F.linear(xn, w.qkv), h, dh)
     n_own = len(own_k) + 1
     s = _context_scores(ctx, xn, q)  # (B, Kc, H, S) (the own slots are 0 here)
-    if ctx.a is not None and cpu_attention.supports(s, q, n_own):  # the same, fused in one pass
-        own = cpu_attention.own_attention(s, ctx.n, q, own_k + [k], own_v + [v])
+    if ctx.a is not None and cpu_fused.supports(s, q, n_own):  # the same, fused in one pass
+        own = cpu_fused.own_attention(s, ctx.n, q, own_k + [k], own_v + [v])
         return _ffn(w, x + _context_output(ctx, s, w.o, own), eps), k, v
     s[..., ctx.n: ctx.n + n_own] = _dots(q, own_k + [k])
     if n_own < ctx.slots:
@@ -371,16 +376,16 @@ def _step_encdec(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor], 
     q, k, v = _split_heads(F.linear(_norm(x, eps, dt), w.qkv), h, dh)
     if not own_k:
         o = v  # one position: the softmax is 1, the output is v
-    elif cpu_attention.supports(None, q, len(own_k) + 1):  # the same, fused in one pass
-        o = cpu_attention.self_attention(q, own_k + [k], own_v + [v])
+    elif cpu_fused.supports(None, q, len(own_k) + 1):  # the same, fused in one pass
+        o = cpu_fused.self_attention(q, own_k + [k], own_v + [v])
     else:
         o = _weighted(_softmax_small(_dots(q, own_k + [k]).float()), own_v + [v])
     x = x + F.linear(o.reshape(*x.shape[:2], -1), w.o)
     xn = _norm(x, eps, dt)
     cq = None if ctx.a is not None else F.linear(xn, w.cq).unflatten(-1, (h, dh))
     s = _context_scores(ctx, xn, cq)
-    if ctx.a is not None and cpu_attention.supports(s, q, 0):
-        p = cpu_attention.softmax_(s)  # in place, in the compute dtype
+    if ctx.a is not None and cpu_fused.supports(s, q, 0):
+        p = cpu_fused.softmax_(s)  # in place, in the compute dtype
     else:
         p = torch.softmax(s, -1, dtype=torch.float32).to(dt)
     x = x + _context_output(ctx, p, w.co, None)

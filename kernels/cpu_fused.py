@@ -1,4 +1,4 @@
-"""A fused CPU kernel for a decode step's attention: one pass instead of several tensor ops.
+"""Fused CPU kernels for the decode step: its attention, and its RMSNorms, each in one pass.
 
 In a decoder-only step, every beam's attention is one softmax over its request's context (scores
 from one GEMM, `model.decode.Context`) and its own few positions (its parents' codes and itself).
@@ -16,7 +16,8 @@ weighted values. At 32 requests x 256 beams those passes cost more than the step
 The encoder-decoder step uses the same pass twice: with no context (its self-attention over the
 beam's own positions: `self_attention`) and with no own positions (its cross-attention's softmax,
 in place: `softmax_`). A position all beams of a request share (the BOS step) is read in place
-through a zero beam stride.
+through a zero beam stride. `rms_norm` is the decoder's gain-less RMSNorm and its cast to the
+matmul dtype in one pass (torch takes five: square, mean, rsqrt, multiply, cast).
 
 It is plain C over raw bf16 or fp32 buffers, with fp32 arithmetic (no torch headers: it compiles
 in about two seconds), built on first use with the machine's C compiler into
@@ -24,7 +25,7 @@ in about two seconds), built on first use with the machine's C compiler into
 called through ctypes. Its OpenMP loop runs on torch's own OpenMP runtime (the library resolves
 to the libgomp torch already loaded) with torch's thread count. Where there is no compiler, or
 the build fails, `available()` is False and the decoder keeps the torch ops: the kernel is an
-optimisation, never a requirement. SIDREC_CPU_KERNELS=0 turns it off. tests/test_cpu_attention.py
+optimisation, never a requirement. SIDREC_CPU_KERNELS=0 turns it off. tests/test_cpu_fused.py
 holds it to torch, alone and inside a beam search.
 """
 from __future__ import annotations
@@ -137,6 +138,27 @@ void NAME(int64_t B, int64_t K, int64_t H, int64_t S, int64_t n, int64_t n_own, 
 
 OWN_ATTENTION(sidrec_own_attention_bf16, uint16_t, bf2f, f2bf)
 OWN_ATTENTION(sidrec_own_attention_f32, float, f32_load, f32_store)
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps), rows of fp32 x (row stride x_rs) into dense T rows:
+   RMSNorm without its gain (the decoder folds the gain into the next projection), cast to the
+   matmul dtype in the same pass. */
+#define RMS_NORM(NAME, T, STORE)                                                                  \
+void NAME(const float *x, int64_t R, int64_t D, int64_t x_rs, float eps, T *out, int nthreads) {  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t r = 0; r < R; r++) {                                                             \
+        const float *xp = x + r * x_rs;                                                           \
+        float ss = 0.f;                                                                           \
+        _Pragma("omp simd reduction(+:ss)")                                                       \
+        for (int64_t t = 0; t < D; t++) ss += xp[t] * xp[t];                                      \
+        const float inv = 1.f / sqrtf(ss / (float)D + eps);                                       \
+        T *op = out + r * D;                                                                      \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t t = 0; t < D; t++) op[t] = STORE(xp[t] * inv);                               \
+    }                                                                                             \
+}
+
+RMS_NORM(sidrec_rms_norm_bf16, uint16_t, f2bf)
+RMS_NORM(sidrec_rms_norm_f32, float, f32_store)
 """
 MAX_OWN, MAX_DH, MAX_S = 8, 256, 4096
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math"]
@@ -162,10 +184,10 @@ def _cache_dir() -> Path:
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.info("no C compiler found: the decoder uses torch ops for its attention")
+        log.info("no C compiler found: the decoder uses torch ops instead of its fused CPU kernels")
         return None
     key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), _cpu_key()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"own_attention-{key}.so"
+    out = _cache_dir() / f"cpu_fused-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -174,7 +196,7 @@ def _build() -> ctypes.CDLL | None:
             res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
                                  timeout=120)
             if res.returncode != 0:
-                log.warning("the fused CPU attention kernel did not build (%s); using torch ops: %s", cc,
+                log.warning("the fused CPU kernels did not build (%s); using torch ops: %s", cc,
                             res.stderr.strip()[-500:])
                 return None
             os.replace(so, out)  # atomic: a concurrent builder leaves one complete file
@@ -183,11 +205,14 @@ def _build() -> ctypes.CDLL | None:
     for fn in (lib.sidrec_own_attention_bf16, lib.sidrec_own_attention_f32):
         fn.argtypes = [i64] * 7 + [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
         fn.restype = None
+    for fn in (lib.sidrec_rms_norm_bf16, lib.sidrec_rms_norm_f32):
+        fn.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+        fn.restype = None
     return lib
 
 
 def available() -> bool:
-    """Whether the kernel is built (building it on first call) and not switched off."""
+    """Whether the kernels are built (building them on first call) and not switched off."""
     global _lib, _tried
     if os.environ.get("SIDREC_CPU_KERNELS", "1") == "0":
         return False
@@ -197,7 +222,7 @@ def available() -> bool:
                 try:
                     _lib = _build()
                 except (OSError, subprocess.SubprocessError) as e:
-                    log.warning("the fused CPU attention kernel is unavailable (%s); using torch ops", e)
+                    log.warning("the fused CPU kernels are unavailable (%s); using torch ops", e)
                     _lib = None
                 _tried = True
     return _lib is not None
@@ -253,7 +278,7 @@ def attention(s: Tensor | None, n: int, q: Tensor, own_k: list[Tensor], own_v: l
     if s is not None and (s.stride(-1) != 1 or s.stride(-2) != S):
         raise ValueError("attention needs score rows with dense heads (it writes them in place)")
     if not available():
-        raise RuntimeError("the fused CPU attention kernel is not available (see kernels.cpu_attention.available)")
+        raise RuntimeError("the fused CPU kernels are not available (see kernels.cpu_fused.available)")
     m = len(own_k)
     q, q_sb, q_sk = _strides(q, dh)
     ks, k_sb, k_sk = zip(*(_strides(t, dh) for t in own_k)) if m else ((), (), ())
@@ -288,3 +313,26 @@ def softmax_(s: Tensor) -> Tensor:
     encoder-decoder step's cross-attention). Returns s."""
     attention(s, s.shape[-1], s.new_empty(*s.shape[:3], 1), [], [])  # the query is not read without own positions
     return s
+
+
+_NORMS = {torch.bfloat16: "sidrec_rms_norm_bf16", torch.float32: "sidrec_rms_norm_f32"}
+
+
+def rms_norm_supports(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether `rms_norm` takes x: an fp32 CPU tensor with dense rows, out to bf16 or fp32."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and dtype in _NORMS and x.dim() >= 1
+            and x.stride(-1) == 1 and x.numel() > 0 and available())
+
+
+def rms_norm(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """RMSNorm without gain over the last dim of fp32 x, written in `dtype` (one pass; equals
+    F.rms_norm(x, (D,), None, eps).to(dtype) up to fp32 summation order)."""
+    if not rms_norm_supports(x, dtype):
+        raise ValueError(f"rms_norm needs an fp32 CPU tensor with dense rows and bf16/fp32 out, got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device} -> {dtype}")
+    D = x.shape[-1]
+    rows = x.reshape(-1, D)  # a view wherever the rows are evenly spaced, else a copy
+    out = torch.empty(x.shape, dtype=dtype)
+    getattr(_lib, _NORMS[dtype])(rows.data_ptr(), rows.shape[0], D, rows.stride(0), eps, out.data_ptr(),
+                                 torch.get_num_threads())
+    return out

@@ -1,4 +1,4 @@
-"""The fused CPU attention kernel (kernels/cpu_attention.py) against torch, and its fallback.
+"""The fused CPU kernels (kernels/cpu_fused.py) against torch, and their fallback.
 
 The kernel is built with the machine's C compiler on first use. Where there is none, the tests
 that need it are skipped with that reason (the decoder then runs its torch ops, which
@@ -11,10 +11,10 @@ import logging
 import pytest
 import torch
 
-from kernels import cpu_attention
+from kernels import cpu_fused
 
-needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
-                                  reason="no C compiler here: the fused CPU attention kernel is unavailable")
+needs_kernel = pytest.mark.skipif(not cpu_fused.available(),
+                                  reason="no C compiler here: the fused CPU kernels are unavailable")
 
 
 def reference(s: torch.Tensor, n: int, q, own_k, own_v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def test_kernel_matches_torch(B, K, H, dh, n, slots, n_own, dtype):
     s, q, own_k, own_v = operands(B, K, H, dh, n, slots, n_own, seed=B * 100 + K, dtype=dtype)
     p_ref, own_ref = reference(s, n, q, own_k, own_v)
     masked = torch.isneginf(s[..., :n])
-    got = cpu_attention.own_attention(s, n, q, own_k, own_v)
+    got = cpu_fused.own_attention(s, n, q, own_k, own_v)
     assert got.dtype == dtype and got.shape == (B, K, H, dh)
     tol = 4e-3 if dtype == torch.bfloat16 else 1e-5  # bf16 rounding; fp32: the kernel's exp (1e-5)
     torch.testing.assert_close(s[..., :n].float(), p_ref, rtol=0, atol=tol)
@@ -62,20 +62,20 @@ def test_kernel_matches_torch(B, K, H, dh, n, slots, n_own, dtype):
 def test_kernel_rejects_shapes_it_would_read_past():
     s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 2, seed=0)
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_attention.own_attention(s, 5, q[:, :3], own_k, own_v)
+        cpu_fused.own_attention(s, 5, q[:, :3], own_k, own_v)
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_attention.own_attention(s, 7, q, own_k, own_v)  # n past the score rows
+        cpu_fused.own_attention(s, 7, q, own_k, own_v)  # n past the score rows
     with pytest.raises(ValueError, match="own keys"):
-        cpu_attention.own_attention(s, 5, q, own_k, own_v[:1])
+        cpu_fused.own_attention(s, 5, q, own_k, own_v[:1])
     with pytest.raises(ValueError, match="own keys"):
-        cpu_attention.own_attention(s, 5, q, [own_k[0], own_k[1][:, :, :, :4]], own_v)
+        cpu_fused.own_attention(s, 5, q, [own_k[0], own_k[1][:, :, :, :4]], own_v)
 
 
 @needs_kernel
 def test_kernel_rejects_mixed_dtypes():
     s, q, own_k, own_v = operands(2, 4, 2, 8, 5, 1, 2, seed=0)
     with pytest.raises(ValueError, match="one dtype"):
-        cpu_attention.own_attention(s, 5, q, [own_k[0].float(), own_k[1]], own_v)
+        cpu_fused.own_attention(s, 5, q, [own_k[0].float(), own_k[1]], own_v)
 
 
 @needs_kernel
@@ -84,7 +84,7 @@ def test_kernel_rejects_score_rows_it_cannot_address():
     padded = torch.zeros(*s.shape[:3], s.shape[3] + 3, dtype=s.dtype)[..., : s.shape[3]]  # heads 3 apart
     padded.copy_(s)
     with pytest.raises(ValueError, match="dense heads"):
-        cpu_attention.own_attention(padded, 5, q, own_k, own_v)
+        cpu_fused.own_attention(padded, 5, q, own_k, own_v)
 
 
 @needs_kernel
@@ -93,13 +93,13 @@ def test_self_attention_and_softmax_match_torch(dtype):
     """The encoder-decoder step's two uses: attention over own positions only (one of them shared
     by all beams, read in place), and a softmax of context scores in place."""
     s, q, own_k, own_v = operands(3, 5, 2, 16, 9, 0, 3, seed=7, dtype=dtype)
-    got = cpu_attention.self_attention(q, own_k, own_v)
+    got = cpu_fused.self_attention(q, own_k, own_v)
     _, own_ref = reference(s[..., :0], 0, q, own_k, own_v)
     tol = 4e-3 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), own_ref, rtol=5 * tol, atol=5 * tol)
     s[1, 2] = float("-inf")  # a request/beam with every context position masked: all zeros, not NaN
     ref = torch.softmax(s.float(), -1).nan_to_num(0.0)
-    out = cpu_attention.softmax_(s)
+    out = cpu_fused.softmax_(s)
     assert out is s and s.dtype == dtype
     torch.testing.assert_close(s.float(), ref, rtol=0, atol=tol)
     assert (s[1, 2] == 0).all()
@@ -124,8 +124,8 @@ def test_beam_search_agrees_with_and_without_kernel(monkeypatch, dtype, arch):
     src, mask = encode_histories([[1, 2, 3], [4], [], [5, 6, 7, 8, 9, 10, 11]], sid_map, model.offsets,
                                  model.cfg.max_history)
     calls = []
-    real = cpu_attention.attention
-    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu_fused.attention
+    monkeypatch.setattr(cpu_fused, "attention", lambda *a: calls.append(1) or real(*a))
     out = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("SIDREC_CPU_KERNELS", flag)
@@ -145,18 +145,37 @@ def test_beam_search_agrees_with_and_without_kernel(monkeypatch, dtype, arch):
 def test_no_compiler_means_torch_ops(monkeypatch, tmp_path, caplog):
     """A failed build (here: a compiler that always fails) leaves the kernel off with a warning,
     and decoding still works through the torch ops."""
-    monkeypatch.setattr(cpu_attention, "_lib", None)
-    monkeypatch.setattr(cpu_attention, "_tried", False)
+    monkeypatch.setattr(cpu_fused, "_lib", None)
+    monkeypatch.setattr(cpu_fused, "_tried", False)
     monkeypatch.setenv("SIDREC_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     with caplog.at_level(logging.WARNING, logger="sidrec.kernels"):
-        assert not cpu_attention.available()
+        assert not cpu_fused.available()
     assert "did not build" in caplog.text
     s, q, own_k, own_v = operands(1, 2, 1, 8, 3, 1, 1, seed=0)
-    assert not cpu_attention.supports(s, q, 1)
+    assert not cpu_fused.supports(s, q, 1)
     assert not list(tmp_path.glob("*.so"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_rms_norm_matches_torch(dtype):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 40, generator=g) * 5
+    for t in (x, x[:, 2:7], x[1], x[:, :, None, :].expand(3, 9, 2, 40)):  # dense, sliced, 2-d, broadcast rows
+        got = cpu_fused.rms_norm(t, 1e-6, dtype)
+        ref = F.rms_norm(t, (40,), None, 1e-6)
+        assert got.dtype == dtype and got.shape == t.shape
+        torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=8e-3 if dtype == torch.bfloat16 else 1e-6,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="fp32 CPU tensor"):
+        cpu_fused.rms_norm(x.to(torch.bfloat16), 1e-6, dtype)
+    with pytest.raises(ValueError, match="dense rows"):
+        cpu_fused.rms_norm(x.transpose(1, 2), 1e-6, dtype)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SIDREC_CPU_KERNELS", "0")
-    assert not cpu_attention.available()
+    assert not cpu_fused.available()
