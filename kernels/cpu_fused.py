@@ -174,7 +174,7 @@ _tried = False
 def _cpu_key() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+        flags = next((ln for ln in info.splitlines() if ln.startswith(("flags", "Features"))), "")  # x86 | arm
     except OSError:
         flags = ""
     return f"{platform.machine()}|{flags}"
@@ -189,14 +189,18 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler found: the decoder uses torch ops instead of its fused CPU kernels")
         return None
-    key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), _cpu_key()]).encode()).hexdigest()[:16]
+    cpu = _cpu_key()
+    # -march=native code is only cached under the CPU features it was built for: where they cannot
+    # be read, a portable build (a .so for another CPU would die on an illegal instruction).
+    flags = _FLAGS if cpu.partition("|")[2] else [f for f in _FLAGS if not f.startswith(("-march", "-mprefer"))]
+    key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), cpu]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_fused-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             src, so = Path(tmp) / "k.c", Path(tmp) / "k.so"
             src.write_text(_SOURCE)
-            res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
+            res = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
                                  timeout=120)
             if res.returncode != 0:
                 log.warning("the fused CPU kernels did not build (%s); using torch ops: %s", cc,
