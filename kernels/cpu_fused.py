@@ -46,7 +46,11 @@ from torch import Tensor
 
 log = logging.getLogger("sidrec.kernels")
 
-_SOURCE = r"""
+# The kernel's per-thread buffers are sized by these bounds; the C source gets them from here
+# (one definition: `supports` and `attention` check the same numbers).
+MAX_OWN, MAX_DH, MAX_S = 8, 256, 4096
+
+_SOURCE = f"#define MAX_OWN {MAX_OWN}\n#define MAX_DH {MAX_DH}\n#define MAX_S {MAX_S}\n" + r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -76,9 +80,6 @@ static inline float exp_neg(float x) {
     return x < -87.f ? 0.f : p * scale;
 }
 
-#define MAX_OWN 8
-#define MAX_DH 256
-#define MAX_S 4096
 
 static inline float f32_load(float x) { return x; }
 static inline float f32_store(float x) { return x; }
@@ -160,7 +161,6 @@ void NAME(const float *x, int64_t R, int64_t D, int64_t x_rs, float eps, T *out,
 RMS_NORM(sidrec_rms_norm_bf16, uint16_t, f2bf)
 RMS_NORM(sidrec_rms_norm_f32, float, f32_store)
 """
-MAX_OWN, MAX_DH, MAX_S = 8, 256, 4096
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math"]
 if platform.machine() in ("x86_64", "AMD64"):
     # 256-bit vectors: these loops run 16-64 elements; 512-bit ones measured slower on an AVX-512 Xeon.
@@ -250,9 +250,11 @@ def _strides(t: Tensor, inner: int) -> tuple[Tensor, int, int]:
     """t (B, K or 1, H, inner) -> (t or a dense copy, its request stride, its beam stride): heads
     must be `inner` apart and dense; a position shared by a request's beams (K = 1) gets beam
     stride 0, so it is read in place, never copied per beam."""
-    if t.stride(-1) != 1 or t.stride(-2) != inner:
+    st = t.stride()
+    if st[-1] != 1 or st[-2] != inner:
         t = t.contiguous()
-    return t, t.stride(0), (0 if t.shape[1] == 1 else t.stride(1))
+        st = t.stride()
+    return t, st[0], (0 if t.shape[1] == 1 else st[1])
 
 
 def attention(s: Tensor | None, n: int, q: Tensor, own_k: list[Tensor], own_v: list[Tensor]) -> Tensor | None:
@@ -287,14 +289,18 @@ def attention(s: Tensor | None, n: int, q: Tensor, own_k: list[Tensor], own_v: l
     if not available():
         raise RuntimeError("the fused CPU kernels are not available (see kernels.cpu_fused.available)")
     m = len(own_k)
-    q, q_sb, q_sk = _strides(q, dh)
-    ks, k_sb, k_sk = zip(*(_strides(t, dh) for t in own_k)) if m else ((), (), ())
-    vs, v_sb, v_sk = zip(*(_strides(t, dh) for t in own_v)) if m else ((), (), ())
+    if m:  # without own positions q is only the shape's carrier: not read
+        q, q_sb, q_sk = _strides(q, dh)
+        ks, k_sb, k_sk = zip(*(_strides(t, dh) for t in own_k))
+        vs, v_sb, v_sk = zip(*(_strides(t, dh) for t in own_v))
+    else:
+        q_sb = q_sk = 0
+        ks = k_sb = k_sk = vs = v_sb = v_sk = ()
     out = torch.empty(B, K, H, dh, dtype=q.dtype) if m else None
     s_sb, s_sk = (0, 0) if s is None else (s.stride(0), 0 if s.shape[1] == 1 else s.stride(1))
 
     def arr(kind, xs):
-        return (kind * max(m, 1))(*xs) if m else (kind * 1)()
+        return (kind * max(m, 1))(*xs)
     getattr(_lib, _FUNCTIONS[q.dtype])(
         B, K, H, S, n, m, dh, None if s is None else s.data_ptr(), s_sb, s_sk, q.data_ptr(), q_sb, q_sk,
         arr(ctypes.c_void_p, [t.data_ptr() for t in ks]), arr(ctypes.c_int64, k_sb), arr(ctypes.c_int64, k_sk),
@@ -318,7 +324,7 @@ def self_attention(q: Tensor, own_k: list[Tensor], own_v: list[Tensor]) -> Tenso
 def softmax_(s: Tensor) -> Tensor:
     """In place: s (B, K, H, S) scores -> probabilities over the last dim, in s's dtype (the
     encoder-decoder step's cross-attention). Returns s."""
-    attention(s, s.shape[-1], s.new_empty(*s.shape[:3], 1), [], [])  # the query is not read without own positions
+    attention(s, s.shape[-1], s[..., :0], [], [])  # no own positions: the query only carries the shape
     return s
 
 
@@ -334,9 +340,12 @@ def rms_norm_supports(x: Tensor, dtype: torch.dtype) -> bool:
 def rms_norm(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """RMSNorm without gain over the last dim of fp32 x, written in `dtype` (one pass; equals
     F.rms_norm(x, (D,), None, eps).to(dtype) up to fp32 summation order)."""
-    if not rms_norm_supports(x, dtype):
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and dtype in _NORMS and x.dim() >= 1
+            and x.stride(-1) == 1 and x.numel() > 0):
         raise ValueError(f"rms_norm needs an fp32 CPU tensor with dense rows and bf16/fp32 out, got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device} -> {dtype}")
+    if not available():
+        raise RuntimeError("the fused CPU kernels are not available (see kernels.cpu_fused.available)")
     D = x.shape[-1]
     rows = x.reshape(-1, D)  # a view wherever the rows are evenly spaced, else a copy
     out = torch.empty(x.shape, dtype=dtype)

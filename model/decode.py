@@ -136,8 +136,7 @@ def _norm(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """RMSNorm without gain (the gain lives in the next projection), cast to the matmul dtype.
     On the CPU one fused pass (`kernels.cpu_fused.rms_norm`) instead of five; exported graphs
     keep the torch op."""
-    if (x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-            and cpu_fused.rms_norm_supports(x, dtype)):
+    if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export() and cpu_fused.rms_norm_supports(x, dtype):
         return cpu_fused.rms_norm(x, eps, dtype)
     return F.rms_norm(x, (x.shape[-1],), None, eps).to(dtype)
 
@@ -359,13 +358,15 @@ def _step_deconly(w: LayerWeights, x: Tensor, ctx: Context, own_k: list[Tensor],
     s = _context_scores(ctx, xn, q)  # (B, Kc, H, S) (the own slots are 0 here)
     if ctx.a is not None and cpu_fused.supports(s, q, n_own):  # the same, fused in one pass
         own = cpu_fused.own_attention(s, ctx.n, q, own_k + [k], own_v + [v])
-        return _ffn(w, x + _context_output(ctx, s, w.o, own), eps), k, v
-    s[..., ctx.n: ctx.n + n_own] = _dots(q, own_k + [k])
-    if n_own < ctx.slots:
-        s[..., ctx.n + n_own:] = float("-inf")
-    p = torch.softmax(s, -1, dtype=torch.float32)
-    own = _weighted(p[..., ctx.n: ctx.n + n_own], own_v + [v])
-    x = x + _context_output(ctx, p.to(w.qkv.dtype), w.o, own)
+        p = s  # the probabilities, written in place in the compute dtype
+    else:
+        s[..., ctx.n: ctx.n + n_own] = _dots(q, own_k + [k])
+        if n_own < ctx.slots:
+            s[..., ctx.n + n_own:] = float("-inf")
+        p = torch.softmax(s, -1, dtype=torch.float32)
+        own = _weighted(p[..., ctx.n: ctx.n + n_own], own_v + [v])
+        p = p.to(w.qkv.dtype)
+    x = x + _context_output(ctx, p, w.o, own)
     return _ffn(w, x, eps), k, v
 
 
