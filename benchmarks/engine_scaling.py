@@ -73,7 +73,7 @@ def main() -> None:
 
         os.environ["SIDREC_CPU_KERNELS"] = "1"
         if not cpu_fused.available():
-            raise SystemExit("--ab-cpu-kernel: the fused CPU attention kernel is not available here")
+            raise SystemExit("--ab-cpu-kernel: the fused CPU kernels are not available here")
 
     def use(variant: str | None) -> None:
         if variant is not None:
