@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--beams", type=int, nargs="+", default=list(BEAMS))
     ap.add_argument("--ab-cpu-kernel", action="store_true",
-                    help="time every config twice, with the fused CPU attention kernel (kernels.cpu_fused) "
+                    help="time every config twice, with the fused CPU kernels (kernels.cpu_fused) "
                          "and with torch ops, alternating call by call, and report the speedup")
     a = ap.parse_args()
 
