@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels.beam_step_ref import beam_step_reference, candidates  # noqa: E402
-from kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.kernels.beam_step_ref import beam_step_reference, candidates  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
 from trie_bytes import random_sids  # noqa: E402
 
 

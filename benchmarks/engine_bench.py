@@ -42,12 +42,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.beam_step_ref import beam_step_reference  # noqa: E402
-from kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
-from model.beam_search import beam_search, encode_histories  # noqa: E402
-from model.config import BOS_ID, ModelConfig, SIDLayout  # noqa: E402
-from model.engine import tune_glibc_malloc  # noqa: E402
-from model.transformer import SIDTransformer  # noqa: E402
+from sidrec.kernels.beam_step_ref import beam_step_reference  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
+from sidrec.model.beam_search import beam_search, encode_histories  # noqa: E402
+from sidrec.model.config import BOS_ID, ModelConfig, SIDLayout  # noqa: E402
+from sidrec.model.engine import tune_glibc_malloc  # noqa: E402
+from sidrec.model.transformer import SIDTransformer  # noqa: E402
 
 TOP_N = 10
 
@@ -224,7 +224,7 @@ def main() -> None:
     enc = {b: encode_histories(h, sid_map, model.offsets, cfg.max_history) for b, h in hists.items()}
     T = enc[args.batches[0]][0].shape[1]
 
-    from model.onnx_backend import OnnxDecoder
+    from sidrec.model.onnx_backend import OnnxDecoder
 
     t0 = time.perf_counter()
     onnx = OnnxDecoder.from_model(model, num_threads=args.threads)

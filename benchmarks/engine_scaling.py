@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from engine_bench import Timed
-    from model.engine import EngineOptions, RecommendEngine
+    from sidrec.model.engine import EngineOptions, RecommendEngine
 
     if a.bundle:
         bundle = Path(a.bundle)
@@ -69,7 +69,7 @@ def main() -> None:
     rows, out, ab = [], {}, {}
     variants = ("torch", "kernel") if a.ab_cpu_kernel else (None,)
     if a.ab_cpu_kernel:
-        from kernels import cpu_fused
+        from sidrec.kernels import cpu_fused
 
         os.environ["SIDREC_CPU_KERNELS"] = "1"
         if not cpu_fused.available():

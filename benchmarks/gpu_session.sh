@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement the issues ask for, in one run for a session lent a CUDA machine
 # (about 8 minutes on one H200; each part reports and the next one runs even if it fails):
-#   1. kernels.gpu_check: the Triton beam step against the reference, the engine eager and as a
+#   1. benchmarks/gpu_check.py: the Triton beam step against the reference, the engine eager and as a
 #      captured CUDA graph at beams 100/256/1000, batches 1/32/64;
 #   2. benchmarks/engine_scaling.py on the GPU: batch 1..32 at beams 100 and 256, and the bound
 #      that puts on the service's p99 target (p99 at 32 clients <= 4x p50 at 1 client);
@@ -33,8 +33,8 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 fi
 
-echo "== 1/3 kernels.gpu_check"
-timeout 330 "$PY" -m kernels.gpu_check "${CHECK[@]}" --out "$OUT/gpu_check.json" > "$OUT/gpu_check.log" 2>&1
+echo "== 1/3 benchmarks/gpu_check.py"
+timeout 330 "$PY" benchmarks/gpu_check.py "${CHECK[@]}" --out "$OUT/gpu_check.json" > "$OUT/gpu_check.log" 2>&1
 echo "rc $?"; tail -3 "$OUT/gpu_check.log" | cut -c1-400
 
 echo "== 2/3 engine_scaling ($DEVICE, bf16)"

@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import PipelineConfig, load_config  # noqa: E402
-from training.cli import _apply_overrides, demo_config  # noqa: E402
-from training.pipeline import run_pipeline  # noqa: E402
+from sidrec.training.config import PipelineConfig, load_config  # noqa: E402
+from sidrec.training.cli import _apply_overrides, demo_config  # noqa: E402
+from sidrec.training.pipeline import run_pipeline  # noqa: E402
 
 TIGER = {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384}
 
@@ -39,7 +39,7 @@ def main() -> None:
         cfg = load_config(a.config) if a.config else PipelineConfig()
         name_path = a.data
     else:
-        from training.synthetic import make_synthetic
+        from sidrec.training.synthetic import make_synthetic
 
         print(f"{a.data} not found: running on the built-in synthetic data"
               + (f" with the demo config (--config {a.config} is for the real data)" if a.config else ""),

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 import torch  # noqa: E402
 
-from service.index import RedisInverseIndex  # noqa: E402
-from service.index_store import drop_namespace, load_version  # noqa: E402
+from sidrec.service.index import RedisInverseIndex  # noqa: E402
+from sidrec.service.index_store import drop_namespace, load_version  # noqa: E402
 
 CARDS = (256, 256, 256, 8)
 

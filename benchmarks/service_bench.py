@@ -55,9 +55,9 @@ MODEL_SIZES = {
 def synthetic_bundle(path: Path, size: str = "small", n_items: int = 12_101, seed: int = 0) -> Path:
     import torch
 
-    from model.bundle import save_bundle
-    from model.config import ModelConfig, SIDLayout
-    from model.transformer import SIDTransformer
+    from sidrec.model.bundle import save_bundle
+    from sidrec.model.config import ModelConfig, SIDLayout
+    from sidrec.model.transformer import SIDTransformer
 
     if (path / "config.json").is_file():
         return path
@@ -216,7 +216,7 @@ class EngineAlone:
     def __init__(self, bundle: Path, threads: int, dtype: str, hist_ids: list[list[str]], device: str = "cpu"):
         import torch
 
-        from model.engine import EngineOptions, RecommendEngine
+        from sidrec.model.engine import EngineOptions, RecommendEngine
 
         torch.set_num_threads(threads)
         self.engine = RecommendEngine.from_path(str(bundle), EngineOptions(num_threads=threads, dtype=dtype,
@@ -274,7 +274,7 @@ def plot_sweep(results: list[dict], ratios: dict, path: Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("sidrec service sweep (closed loop, steady state)")
-    from training.figures import save_figure
+    from sidrec.figures import save_figure
 
     return save_figure(fig, path)
 

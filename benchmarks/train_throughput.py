@@ -23,11 +23,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.config import SIDLayout  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import sliding_windows  # noqa: E402
-from training.packing import PackedSet  # noqa: E402
-from training.train import (WindowSet, autocast_dtype, batch_logits, build_model, collate,  # noqa: E402
+from sidrec.model.config import SIDLayout  # noqa: E402
+from sidrec.training.config import TrainConfig  # noqa: E402
+from sidrec.training.data import sliding_windows  # noqa: E402
+from sidrec.training.packing import PackedSet  # noqa: E402
+from sidrec.training.train import (WindowSet, autocast_dtype, batch_logits, build_model, collate,  # noqa: E402
                             make_batches, token_table)
 
 
@@ -36,7 +36,7 @@ def train_sequences(rng: np.random.Generator) -> tuple[list[np.ndarray], int]:
     geometric lengths when the data is absent. -> (sequences, number of items)."""
     path = ROOT.parent / "shared" / "data" / "amazon-beauty" / "sequential_data.txt"
     if path.is_file():
-        from training.data import leave_one_out, read_p5
+        from sidrec.training.data import leave_one_out, read_p5
 
         data = read_p5(path.parent)
         return leave_one_out(data).train, data.num_items
@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from model.engine import tune_glibc_malloc
+    from sidrec.model.engine import tune_glibc_malloc
 
     tune_glibc_malloc()  # as train_model does on CPU
     rng = np.random.default_rng(0)

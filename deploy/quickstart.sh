@@ -31,14 +31,14 @@ fi
 
 if [ -n "${SIDREC_REDIS_URL:-}" ]; then
   echo "==> loading the inverse index into Redis (idempotent)"
-  "$PY" -m service index load "$BUNDLE"
+  "$PY" -m sidrec index load "$BUNDLE"
 else
   echo "==> using the embedded in-process index (set SIDREC_REDIS_URL to use Redis)"
 fi
 
 URL="http://$SIDREC_HOST:$SIDREC_PORT"
 echo "==> starting sidrec on $URL"
-"$PY" -m service serve &
+"$PY" -m sidrec serve &
 PID=$!
 trap 'kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true' INT TERM EXIT
 

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv and install sidrec with everything its jobs and tests need.
-# torch is pinned by constraints-dev.txt to the CPU build, so a fresh machine does not pull CUDA.
+# Create .venv and install exactly the locked environment (requirements/dev.lock, hashes checked),
+# then sidrec itself, editable, without touching the locked set. The lock pins the CPU build of
+# torch, so a fresh machine does not pull CUDA. To change a dependency: edit pyproject.toml, then
+# `bash deploy/lock.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+LOCK=requirements/dev.lock
+"$PY" deploy/check_lock.py >/dev/null || { "$PY" deploy/check_lock.py; exit 1; }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -c constraints-dev.txt -e ".[dev]"
+STAMP=.venv/.sidrec-lock.sha256
+WANT=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$LOCK"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "$WANT" > "$STAMP"
+fi

@@ -8,5 +8,5 @@ DATA=${1:-../shared/data/amazon-beauty}
 OUT=${2:-runs/beauty-gpu}
 shift $(( $# > 2 ? 2 : $# ))
 NPROC=${NPROC:-1}
-exec .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" -m training.cli train \
+exec .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" -m sidrec.training.cli train \
   --data "$DATA" --out "$OUT" --config beauty-gpu "$@"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.trie import PrefixTrie
+from sidrec.kernels.trie import PrefixTrie
 
 NEG_INF = float("-inf")
 LOW32 = 0xFFFFFFFF

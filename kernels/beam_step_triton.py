@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.beam_step_ref import StepOutput
-from kernels.trie import PrefixTrie
+from sidrec.kernels.beam_step_ref import StepOutput
+from sidrec.kernels.trie import PrefixTrie
 
 LOW32: tl.constexpr = tl.constexpr(0xFFFFFFFF)  # a key's index field is LOW32 - flat: lower flat first
 TILE = 4096  # elements per (beam, child) tile: BLOCK_K * BLOCK_V

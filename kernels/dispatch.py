@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from kernels.beam_step_ref import beam_step_reference
+from sidrec.kernels.beam_step_ref import beam_step_reference
 
 BeamStepFn = Callable[..., object]
 BACKENDS = ("auto", "reference", "triton")
@@ -23,7 +23,7 @@ def triton_interpreting() -> bool:
 
 
 def _load_triton() -> BeamStepFn:
-    from kernels.beam_step_triton import beam_step_triton  # imported only when asked for
+    from sidrec.kernels.beam_step_triton import beam_step_triton  # imported only when asked for
 
     return beam_step_triton
 

@@ -6,7 +6,7 @@
 Runs `locust --headless` for at most --run-time seconds (<= 300) or --max-requests requests,
 whichever comes first, reads its CSV stats and prints a table per endpoint, then one JSON line
 with rps, p50 and p99 (ms). The host must be loopback: this tool never loads a remote machine.
-It does not start the server (`bash deploy/quickstart.sh` or `python -m service serve` does).
+It does not start the server (`bash deploy/quickstart.sh` or `python -m sidrec.service serve` does).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def plot_history(history: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.figures import save_figure
+    from sidrec.figures import save_figure
 
     agg = [r for r in history if r.get("Name") == "Aggregated" and r.get("50%") not in ("", "N/A", None)]
     t0 = int(agg[0]["Timestamp"]) if agg else 0

@@ -18,9 +18,9 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from kernels.beam_step_ref import StepOutput, beam_step_reference
-from kernels.trie import PrefixTrie
-from model.config import BOS_ID, PAD_ID
+from sidrec.kernels.beam_step_ref import StepOutput, beam_step_reference
+from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.config import BOS_ID, PAD_ID
 
 
 class Decoder(Protocol):

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig
-from model.transformer import SIDTransformer
+from sidrec.model.config import ModelConfig
+from sidrec.model.transformer import SIDTransformer
 
 FORMAT_VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "sid_map.safetensors", "item_ids.json")

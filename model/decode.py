@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_fused
+from sidrec.kernels import cpu_fused
 
 ROW_CHUNK = 8192  # rows (batch x beams) per chunk: 8192 x d_ff(1024) bf16 = 16 MB, under the 32 MB mmap threshold
 # Steps with at least this many beams per request attend to the context in absorbed form.

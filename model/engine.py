@@ -16,10 +16,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from kernels.dispatch import get_beam_step
-from kernels.trie import PrefixTrie
-from model.beam_search import BeamResult, beam_search, encode_histories, score_items
-from model.bundle import Bundle, load_bundle
+from sidrec.kernels.dispatch import get_beam_step
+from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
+from sidrec.model.bundle import Bundle, load_bundle
 
 
 def cpu_has_native_bf16() -> bool:
@@ -122,7 +122,7 @@ class RecommendEngine(CatalogueIds):
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
         if self.options.backend == "onnx":
-            from model.onnx_backend import OnnxDecoder  # onnxruntime only when asked for
+            from sidrec.model.onnx_backend import OnnxDecoder  # onnxruntime only when asked for
 
             self.decoder = OnnxDecoder.from_model(self.model, self.options.onnx_cache_dir, self.options.num_threads)
         self._lock = threading.Lock()  # the model is not re-entrant across threads

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.decode import context_mask, decoder_layers, pack_weights
-from model.transformer import Prefix, SIDTransformer
+from sidrec.model.decode import context_mask, decoder_layers, pack_weights
+from sidrec.model.transformer import Prefix, SIDTransformer
 
 EXPORT_VERSION = 2
 OPSET = 17

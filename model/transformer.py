@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import BOS_ID, PAD_ID, ModelConfig
-from model.decode import BeamCache, FirstStep, compute_dtype, decode_weights, prefill_decoder_only, run_decoder
+from sidrec.model.config import BOS_ID, PAD_ID, ModelConfig
+from sidrec.model.decode import BeamCache, FirstStep, compute_dtype, decode_weights, prefill_decoder_only, run_decoder
 
 
 class RMSNorm(nn.Module):

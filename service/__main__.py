@@ -1,6 +1,6 @@
-"""`python -m service ...`: the service's command line (see `service.cli`)."""
+"""`python -m sidrec.service ...`: the service's own commands (`serve`, `index`), as `sidrec serve`."""
 import sys
 
-from service.cli import main
+from sidrec.service.cli import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@ The lifespan loads the bundle, opens the inverse index, warms the engine up and 
 `ServiceRuntime` on `app.state.runtime`; on shutdown it drains the batcher and closes the index.
 A broken bundle or an unreachable Redis makes startup fail with a message naming the cause.
 Handlers only parse, delegate to the runtime and return; errors share one body shape
-(`service.errors`). Run it with `python -m service serve` (uvicorn); with several workers uvicorn
+(`service.errors`). Run it with `python -m sidrec.service serve` (uvicorn); with several workers uvicorn
 calls `create_app()` with no argument, which reads `Settings()` from the SIDREC_* environment.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service import schemas as S
-from service.errors import APIError, error_response, install_error_handlers
-from service.metrics import CONTENT_TYPE, ServiceMetrics
-from service.middleware import ServiceMiddleware
-from service.runtime import ServiceRuntime, StartupError
-from service.settings import Settings
+from sidrec.service import schemas as S
+from sidrec.service.errors import APIError, error_response, install_error_handlers
+from sidrec.service.metrics import CONTENT_TYPE, ServiceMetrics
+from sidrec.service.middleware import ServiceMiddleware
+from sidrec.service.runtime import ServiceRuntime, StartupError
+from sidrec.service.settings import Settings
 
 log = logging.getLogger("sidrec.service")
 router = APIRouter()

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from service.metrics import ServiceMetrics
+from sidrec.service.metrics import ServiceMetrics
 
 log = logging.getLogger("sidrec.batcher")
 

@@ -1,4 +1,5 @@
-"""Command line of the service: `python -m service serve | index load|list|activate|drop`.
+"""The online half of the `sidrec` command (`sidrec.cli` dispatches here): `sidrec serve`,
+`sidrec index load|list|activate|drop`.
 
 `serve` runs uvicorn (one process, or `--workers N` processes that each build the app from the
 SIDREC_* environment); flags override the environment. `index` manages inverse-index versions
@@ -15,11 +16,11 @@ import os
 import sys
 from typing import Sequence
 
-from service.settings import Settings
+from sidrec.service.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service", description="sidrec online service")
+    p = argparse.ArgumentParser(prog="sidrec", description="sidrec online service")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
@@ -64,7 +65,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except Exception as e:  # pydantic ValidationError: name the bad setting
         return _fail(f"invalid settings: {e}")
-    from model.bundle import BundleError, read_config
+    from sidrec.model.bundle import BundleError, read_config
 
     try:
         read_config(settings.bundle_path)
@@ -72,17 +73,17 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"refusing to start: {e}")
     import uvicorn
 
-    from service.app import configure_logging
+    from sidrec.service.app import configure_logging
 
     configure_logging(settings.log_level)
     if settings.workers > 1:
         # Worker processes build the app from the environment: hand the overrides down.
         for k, v in overrides.items():
             os.environ[f"SIDREC_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
+        uvicorn.run("sidrec.service.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, timeout_graceful_shutdown=10)
         return 0
-    from service.app import create_app
+    from sidrec.service.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)
@@ -92,8 +93,8 @@ def serve(args: argparse.Namespace) -> int:
 def index(args: argparse.Namespace) -> int:
     import redis
 
-    from model.bundle import BundleError
-    from service import index_store as store
+    from sidrec.model.bundle import BundleError
+    from sidrec.service import index_store as store
 
     env = Settings(bundle_path=".")  # only the redis_* fields are used here
     url = args.redis_url or env.redis_url

@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
-from model.beam_search import BeamResult
-from model.config import ModelConfig
-from model.engine import CatalogueIds
+from sidrec.model.beam_search import BeamResult
+from sidrec.model.config import ModelConfig
+from sidrec.model.engine import CatalogueIds
 
 _METHODS = ("recommend", "score", "set_masked")
 
@@ -54,7 +54,7 @@ class BundleInfo:
 
 def _serve(conn, path: str, options) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from model.engine import RecommendEngine
+    from sidrec.model.engine import RecommendEngine
 
     try:
         engine = RecommendEngine.from_path(path, options)
@@ -108,7 +108,7 @@ class EngineProcess(CatalogueIds):
             raise EngineDead(f"the engine process died while loading {path} (exit code {proc.exitcode})") from None
         if msg[0] == "error":
             proc.join(5)
-            from model.bundle import BundleError
+            from sidrec.model.bundle import BundleError
 
             raise (BundleError if msg[1] == "BundleError" else EngineCallError)(msg[2])
         info = BundleInfo(**msg[1])

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from service.metrics import ServiceMetrics
+from sidrec.service.metrics import ServiceMetrics
 
 
 class IndexUnavailable(RuntimeError):
@@ -179,7 +179,7 @@ class RedisInverseIndex(InverseIndex):
         if meta.get("complete") != "1":
             state = "partly loaded" if meta else "not loaded"
             raise IndexUnavailable(f"Redis has version {self.version} {state} under namespace '{self.namespace}'; "
-                              f"run `python -m service index load <bundle>` or set SIDREC_REDIS_AUTOLOAD=true")
+                              f"run `python -m sidrec.service index load <bundle>` or set SIDREC_REDIS_AUTOLOAD=true")
         import json
 
         self.codec = SidCodec(json.loads(meta["cardinalities"]), int(meta["span"]))

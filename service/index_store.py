@@ -1,6 +1,6 @@
 """Loading, listing, switching and dropping inverse-index versions in Redis (sync redis-py).
 
-Used by `python -m service index ...` and by the service's optional autoload at startup.
+Used by `python -m sidrec.service index ...` and by the service's optional autoload at startup.
 Layout: see `service.index`. Guarantees:
 - Idempotent: a version is identified by the bundle version plus a fingerprint of its SID map
   and item ids; loading a complete, identical version again writes nothing. A crashed load
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from service.index import SidCodec, keys
+from sidrec.service.index import SidCodec, keys
 
 
 class IndexStoreError(RuntimeError):
@@ -47,7 +47,7 @@ def read_bundle_index(path: str | Path) -> tuple[str, torch.Tensor, list[str], t
     """(version, sid_map (L, N), item_ids, cardinalities) from a bundle, without loading the model."""
     from safetensors.torch import load_file
 
-    from model.bundle import BundleError, read_config
+    from sidrec.model.bundle import BundleError, read_config
 
     path = Path(path)
     config = read_config(path)

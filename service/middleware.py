@@ -17,8 +17,8 @@ import uuid
 
 from starlette.exceptions import HTTPException
 
-from service.errors import error_body, internal_error_body
-from service.metrics import ServiceMetrics
+from sidrec.service.errors import error_body, internal_error_body
+from sidrec.service.metrics import ServiceMetrics
 
 log = logging.getLogger("sidrec.service")
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

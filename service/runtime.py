@@ -11,16 +11,16 @@ import asyncio
 import logging
 from typing import Any
 
-from model.bundle import BundleError
-from model.engine import EngineOptions, RecommendEngine
-from service import schemas as S
-from service.batcher import (BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull, RecommendEntry,
+from sidrec.model.bundle import BundleError
+from sidrec.model.engine import EngineOptions, RecommendEngine
+from sidrec.service import schemas as S
+from sidrec.service.batcher import (BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull, RecommendEntry,
                              RecommendOutput, ScoreEntry)
-from service.engine_proc import EngineDead, EngineProcess
-from service.errors import APIError
-from service.index import InProcessIndex, IndexUnavailable, InverseIndex, RedisInverseIndex
-from service.metrics import ServiceMetrics
-from service.settings import Settings
+from sidrec.service.engine_proc import EngineDead, EngineProcess
+from sidrec.service.errors import APIError
+from sidrec.service.index import InProcessIndex, IndexUnavailable, InverseIndex, RedisInverseIndex
+from sidrec.service.metrics import ServiceMetrics
+from sidrec.service.settings import Settings
 
 log = logging.getLogger("sidrec.service")
 
@@ -97,7 +97,7 @@ class ServiceRuntime:
     def _autoload(self, engine: RecommendEngine) -> None:
         import redis
 
-        from service.index_store import load_version
+        from sidrec.service.index_store import load_version
 
         s = self.settings
         client = redis.Redis.from_url(s.redis_url, socket_timeout=max(s.redis_timeout_s, 30.0))

@@ -18,8 +18,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.errors import APIError
-from service.settings import Settings
+from sidrec.service.errors import APIError
+from sidrec.service.settings import Settings
 
 HARD_MAX_IDS = 10_000  # static cap; Settings tightens it
 HARD_MAX_ID_LEN = 1024

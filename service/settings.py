@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="sidrec", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     redis_timeout_s: float = Field(default=2.0, gt=0.0)
     # Load this bundle's SID map into Redis at startup when its version is missing there
-    # (idempotent; `python -m service index load` does the same ahead of a rollout).
+    # (idempotent; `python -m sidrec.service index load` does the same ahead of a rollout).
     redis_autoload: bool = True
     mask_sync_interval_s: float = Field(default=2.0, gt=0.0)  # workers pick up masks shared via Redis
 

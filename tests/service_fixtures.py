@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.bundle import save_bundle
-from model.config import ModelConfig, SIDLayout
-from model.transformer import SIDTransformer
-from service.app import create_app
-from service.settings import Settings
+from sidrec.model.bundle import save_bundle
+from sidrec.model.config import ModelConfig, SIDLayout
+from sidrec.model.transformer import SIDTransformer
+from sidrec.service.app import create_app
+from sidrec.service.settings import Settings
 
 REDIS_URL = os.environ.get("SIDREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 LAYOUT = (8, 8, 8, 4)
@@ -81,7 +81,7 @@ def redis_ns():
     """A unique key namespace in the test Redis DB, deleted afterwards. Fails if Redis is down."""
     import redis
 
-    from service.index_store import drop_namespace
+    from sidrec.service.index_store import drop_namespace
 
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
     try:

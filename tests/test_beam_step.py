@@ -17,12 +17,12 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kernels.beam_step_ref import beam_step_reference, candidates, ordered_keys  # noqa: E402
-from kernels.dispatch import get_beam_step  # noqa: E402
-from kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.kernels.beam_step_ref import beam_step_reference, candidates, ordered_keys  # noqa: E402
+from sidrec.kernels.dispatch import get_beam_step  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from kernels.beam_step_triton import beam_step_triton  # noqa: E402
+from sidrec.kernels.beam_step_triton import beam_step_triton  # noqa: E402
 
 NEG_INF = float("-inf")
 FIELDS = ("scores", "parents", "codes", "states", "n_valid")
@@ -356,7 +356,7 @@ class _MockDecoder:
 
 
 def test_beam_search_same_with_either_backend():
-    from model.beam_search import beam_search
+    from sidrec.model.beam_search import beam_search
 
     g = torch.Generator().manual_seed(21)
     cards = (6, 5, 3)

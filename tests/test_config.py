@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from training.cli import main as sidrec_main
-from training.config import PipelineConfig, load_config, recipe_names
+from sidrec.training.cli import main as sidrec_main
+from sidrec.training.config import PipelineConfig, load_config, recipe_names
 
 
 def test_shipped_recipes_parse_and_differ_from_defaults():

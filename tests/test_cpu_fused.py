@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from kernels import cpu_fused
+from sidrec.kernels import cpu_fused
 
 needs_kernel = pytest.mark.skipif(not cpu_fused.available(),
                                   reason="no C compiler here: the fused CPU kernels are unavailable")
@@ -111,11 +111,11 @@ def test_self_attention_and_softmax_match_torch(dtype):
 def test_beam_search_agrees_with_and_without_kernel(monkeypatch, dtype, arch):
     """A beam search (absorbed context, the kernel's paths) gives the same scores, within bf16
     rounding (fp32: 1e-4), and the same beams, with the kernel and with torch ops."""
-    import model.decode as decode
-    from model.beam_search import beam_search, encode_histories
+    import sidrec.model.decode as decode
+    from sidrec.model.beam_search import beam_search, encode_histories
     from test_decoding import make_catalogue, make_model
 
-    from kernels.trie import PrefixTrie
+    from sidrec.kernels.trie import PrefixTrie
 
     monkeypatch.setattr(decode, "ABSORB_MIN_BEAMS", 1)
     model = make_model(arch, seed=3, scale=1.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.data import (DataError, InteractionData, leave_one_out, load_dataset, popularity, read_interactions,
+from sidrec.training.data import (DataError, InteractionData, leave_one_out, load_dataset, popularity, read_interactions,
                            read_p5, read_recbole, sliding_windows)
 
 ITEM_TEXT = ("item_id\tasin\ttitle\tcategories\tbrand\n"

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.trie import PrefixTrie
-from model.beam_search import beam_search, encode_histories, score_items
-from model.config import BOS_ID, ModelConfig, SIDLayout
-from model.transformer import SIDTransformer
+from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.beam_search import beam_search, encode_histories, score_items
+from sidrec.model.config import BOS_ID, ModelConfig, SIDLayout
+from sidrec.model.transformer import SIDTransformer
 
 ARCHS = ("encoder_decoder", "decoder_only")
 
@@ -30,7 +30,7 @@ def _one_thread():
 def decode_form(request, monkeypatch):
     """Every test runs with the beams attending to the context directly, and again in absorbed
     form (query/output projections folded into the context) with beam chunks of 3 rows."""
-    import model.decode as decode
+    import sidrec.model.decode as decode
 
     if request.param == "direct":
         monkeypatch.setattr(decode, "ABSORB_MIN_BEAMS", 10**9)
@@ -236,8 +236,8 @@ def test_decode_weights_follow_parameter_updates():
 
 def test_engine_bf16_matches_fp32(tmp_path):
     """The engine's bf16 mode (bf16 matmuls and per-beam cache) ranks like fp32 on a small model."""
-    from model.bundle import load_bundle, save_bundle
-    from model.engine import EngineOptions, RecommendEngine
+    from sidrec.model.bundle import load_bundle, save_bundle
+    from sidrec.model.engine import EngineOptions, RecommendEngine
 
     model = make_model("encoder_decoder", seed=7, scale=1.0)
     sid_map = make_catalogue(40, seed=7)
@@ -252,9 +252,9 @@ def test_engine_bf16_matches_fp32(tmp_path):
 
 
 def test_engine_auto_dtype_is_bf16_only_where_bf16_is_native(tmp_path, monkeypatch):
-    import model.engine as engine_mod
-    from model.bundle import load_bundle, save_bundle
-    from model.engine import EngineOptions, RecommendEngine
+    import sidrec.model.engine as engine_mod
+    from sidrec.model.bundle import load_bundle, save_bundle
+    from sidrec.model.engine import EngineOptions, RecommendEngine
 
     save_bundle(tmp_path / "b", make_model("decoder_only", seed=3), make_catalogue(30, seed=3),
                 [f"i{i}" for i in range(30)])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data import DataError
-from training.embeddings import (DEFAULT_TEMPLATE, default_model_path, embed_items, hashed_text_embeddings,
+from sidrec.training.data import DataError
+from sidrec.training.embeddings import (DEFAULT_TEMPLATE, default_model_path, embed_items, hashed_text_embeddings,
                                  render_text)
 
 

@@ -7,12 +7,12 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from kernels.trie import PrefixTrie  # noqa: E402
-from model.beam_search import beam_search, encode_histories, score_items  # noqa: E402
-from model.bundle import load_bundle, save_bundle  # noqa: E402
-from model.config import BOS_ID  # noqa: E402
-from model.engine import EngineOptions, RecommendEngine  # noqa: E402
-from model.onnx_backend import OnnxDecoder  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.model.beam_search import beam_search, encode_histories, score_items  # noqa: E402
+from sidrec.model.bundle import load_bundle, save_bundle  # noqa: E402
+from sidrec.model.config import BOS_ID  # noqa: E402
+from sidrec.model.engine import EngineOptions, RecommendEngine  # noqa: E402
+from sidrec.model.onnx_backend import OnnxDecoder  # noqa: E402
 from tests.test_decoding import CARDS, HISTORIES, _one_thread, make_catalogue, make_model  # noqa: E402,F401
 
 

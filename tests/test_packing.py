@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig, SIDLayout
-from model.transformer import SIDTransformer
-from training.config import TrainConfig
-from training.data import sliding_windows
-from training.packing import PackedSet
-from training.train import WindowSet, batch_logits, token_table
+from sidrec.model.config import ModelConfig, SIDLayout
+from sidrec.model.transformer import SIDTransformer
+from sidrec.training.config import TrainConfig
+from sidrec.training.data import sliding_windows
+from sidrec.training.packing import PackedSet
+from sidrec.training.train import WindowSet, batch_logits, token_table
 
 
 def _seqs(rng: np.random.Generator, n_items: int) -> list[np.ndarray]:

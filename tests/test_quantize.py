@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.quantize import RQResult, assign_codes, rq_kmeans, rq_vae, spread_last_level
-from training.sids import add_dedup_digit, plot_codebook_usage, sid_report
+from sidrec.training.quantize import RQResult, assign_codes, rq_kmeans, rq_vae, spread_last_level
+from sidrec.training.sids import add_dedup_digit, plot_codebook_usage, sid_report
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +174,7 @@ def test_spread_last_level_moves_nothing_without_collisions_and_keeps_the_closes
 
 
 def test_new_items_take_a_free_last_code_in_a_spread_catalogue():
-    from training.new_items import new_item_sids
+    from sidrec.training.new_items import new_item_sids
 
     C0 = np.zeros((1, 2), np.float32)
     C1 = np.array([[0, 0], [10, 0], [0, 3]], np.float32)
@@ -192,7 +192,7 @@ def test_new_items_take_a_free_last_code_in_a_spread_catalogue():
 
 
 def test_new_items_beside_sids_without_a_dedup_digit():
-    from training.new_items import new_item_sids
+    from sidrec.training.new_items import new_item_sids
 
     C0 = np.zeros((1, 2), np.float32)
     C1 = np.array([[0, 0], [10, 0], [0, 3]], np.float32)

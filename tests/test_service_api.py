@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from service_fixtures import bundle_dir, make_bundle, run, running_app, settings_for  # noqa: F401
 
-from service.app import create_app
-from service.cli import main as cli_main
-from service.runtime import StartupError
+from sidrec.service.app import create_app
+from sidrec.service.cli import main as cli_main
+from sidrec.service.runtime import StartupError
 
 TOKEN = "s3cret-admin-token"
 

@@ -6,7 +6,7 @@ import random
 
 from service_fixtures import bundle_dir, run, running_app, same_ranking, settings_for  # noqa: F401
 
-from service.batcher import DynamicBatcher, RecommendEntry
+from sidrec.service.batcher import DynamicBatcher, RecommendEntry
 
 
 class CountingEngine:
@@ -131,7 +131,7 @@ def test_abandoned_job_frees_its_queue_slot_at_once():
     the next request is admitted (not 429) even before the collector reaches the dead job."""
     import threading
 
-    from service.batcher import DeadlineExceeded, QueueFull
+    from sidrec.service.batcher import DeadlineExceeded, QueueFull
 
     release = threading.Event()
 
@@ -181,7 +181,7 @@ def test_queue_delay_runs_from_when_the_engine_is_free():
 
     import torch
 
-    from model.beam_search import BeamResult
+    from sidrec.model.beam_search import BeamResult
 
     release = threading.Event()
 

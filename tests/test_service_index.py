@@ -9,9 +9,9 @@ from hypothesis import given, settings as hsettings, strategies as st
 from service_fixtures import (REDIS_URL, bundle_dir, bundle_dir_b, redis_ns, run, running_app,  # noqa: F401
                               same_ranking, settings_for)
 
-from service import index_store as store
-from service.cli import main as cli_main
-from service.index import InProcessIndex, RedisInverseIndex, SidCodec, keys
+from sidrec.service import index_store as store
+from sidrec.service.cli import main as cli_main
+from sidrec.service.index import InProcessIndex, RedisInverseIndex, SidCodec, keys
 
 pytestmark = pytest.mark.redis
 
@@ -180,7 +180,7 @@ def test_redis_app_matches_embedded_and_shares_masks(bundle_dir, redis_ns):
 
 
 def test_no_autoload_and_unreachable_redis_refuse_to_start(bundle_dir, redis_ns):
-    from service.runtime import StartupError
+    from sidrec.service.runtime import StartupError
 
     _, ns = redis_ns
 

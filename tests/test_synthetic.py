@@ -6,9 +6,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from training.data import DataError, leave_one_out, popularity, read_p5
-from training.embeddings import hashed_text_embeddings, render_text
-from training.synthetic import make_synthetic, write_p5
+from sidrec.training.data import DataError, leave_one_out, popularity, read_p5
+from sidrec.training.embeddings import hashed_text_embeddings, render_text
+from sidrec.training.synthetic import make_synthetic, write_p5
 
 
 def _same(a, b) -> bool:

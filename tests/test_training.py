@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import BundleError, load_bundle
-from model.engine import RecommendEngine
-from training.cli import demo_config, main as cli_main
-from training.config import TrainConfig
-from training.pipeline import run_pipeline
-from training.synthetic import make_synthetic
-from training.train import lr_at, make_batches
+from sidrec.model.bundle import BundleError, load_bundle
+from sidrec.model.engine import RecommendEngine
+from sidrec.training.cli import demo_config, main as cli_main
+from sidrec.training.config import TrainConfig
+from sidrec.training.pipeline import run_pipeline
+from sidrec.training.synthetic import make_synthetic
+from sidrec.training.train import lr_at, make_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +103,8 @@ def test_spread_collisions_gives_unique_sids_without_a_dedup_digit_end_to_end(tr
     digit (3 decoding steps, not 4); such a bundle trains, exports, serves and takes new items."""
     import shutil
 
-    from training.embeddings import render_text
-    from training.new_items import assign_new_items
+    from sidrec.training.embeddings import render_text
+    from sidrec.training.new_items import assign_new_items
 
     run, out, _ = trained_run
     for name in ("embeddings.npy", "item_ids.json", "stages/data.json", "stages/embed.json"):
@@ -164,7 +164,7 @@ def test_torchrun_two_process_smoke(tmp_path):
     data_dir = tmp_path / "data"
     assert cli_main(["synth", "--out", str(data_dir), "--items", "120", "--users", "300"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "training.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+           "-m", "sidrec.training.cli", "train", "--data", str(data_dir), "--out", str(tmp_path / "run"),
            "--until", "train", "--set", "train.epochs=1", "--set", "train.d_model=32", "--set", "train.n_heads=2",
            "--set", "train.d_head=16", "--set", "train.d_ff=64", "--set", "train.n_enc_layers=1",
            "--set", "train.n_dec_layers=1", "--set", "train.eval_users=50", "--set", "sid.codebook_size=8",
@@ -179,8 +179,8 @@ def test_torchrun_two_process_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_new_item_gets_the_sid_of_its_text_without_retraining(trained_run):
-    from training.embeddings import render_text
-    from training.new_items import assign_new_items
+    from sidrec.training.embeddings import render_text
+    from sidrec.training.new_items import assign_new_items
 
     run, out, _ = trained_run
     texts = [render_text(run.data.item_fields[p]) for p in (0, 1)]
@@ -199,25 +199,25 @@ def test_new_item_gets_the_sid_of_its_text_without_retraining(trained_run):
                                             ("decoder_only", "packed")])
 def test_both_architectures_train_and_decode(arch, objective):
     """A few steps of either architecture lower the loss and its checkpoint decodes valid items."""
-    from kernels.trie import PrefixTrie
-    from model.beam_search import beam_search, encode_histories
-    from model.config import SIDLayout
-    from training.data import leave_one_out, sliding_windows
-    from training.train import WindowSet, train_model
+    from sidrec.kernels.trie import PrefixTrie
+    from sidrec.model.beam_search import beam_search, encode_histories
+    from sidrec.model.config import SIDLayout
+    from sidrec.training.data import leave_one_out, sliding_windows
+    from sidrec.training.train import WindowSet, train_model
 
     torch.set_num_threads(1)
     data = make_synthetic(120, 300, seed=5)
     sp = leave_one_out(data)
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 8, size=(3, data.num_items))
-    from kernels.trie import append_dedup_digit
+    from sidrec.kernels.trie import append_dedup_digit
 
     sid, dcard = append_dedup_digit(torch.as_tensor(codes))
     layout = SIDLayout((8, 8, 8, dcard))
     cfg = TrainConfig(arch=arch, d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1,
                       batch_size=64, epochs=2, warmup_steps=5, lr=3e-3, eval_users=50, dtype="float32",
                       objective=objective)
-    from training.packing import PackedSet
+    from sidrec.training.packing import PackedSet
 
     data = PackedSet.from_sequences(sp.train, 20) if objective == "packed" else WindowSet(*sliding_windows(sp.train, 20))
     res = train_model(cfg, layout, sid, data, sp.valid_history,
@@ -253,7 +253,7 @@ def test_refit_on_train_plus_valid_resumes_from_its_own_checkpoint(tmp_path):
 def test_fit_on_train_plus_valid_trains_on_every_validation_target(tmp_path):
     """fit_on=train+valid trains on seq[:-1] windows (one more target per user) with no
     validation-based selection; the schedule runs to its end and the last epoch is kept."""
-    from training.data import leave_one_out, sliding_windows
+    from sidrec.training.data import leave_one_out, sliding_windows
 
     data = make_synthetic(120, 300, seed=4)
     cfg = demo_config(epochs=2)
@@ -273,8 +273,8 @@ def test_fit_on_train_plus_valid_trains_on_every_validation_target(tmp_path):
 
 
 def test_auto_dtype_is_bf16_only_where_it_is_fast(monkeypatch):
-    import model.engine as engine_mod
-    from training import train as train_mod
+    import sidrec.model.engine as engine_mod
+    from sidrec.training import train as train_mod
 
     monkeypatch.setattr(engine_mod, "cpu_has_native_bf16", lambda: False)
     assert train_mod.autocast_dtype("auto", torch.device("cpu")) == torch.float32

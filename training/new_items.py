@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.bundle import BundleError, load_bundle, read_config
+from sidrec.model.bundle import BundleError, load_bundle, read_config
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class NewItemSIDs:
 
 
 def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str | None = None) -> NewItemSIDs:
-    from training.embeddings import embed_items
+    from sidrec.training.embeddings import embed_items
 
     config = read_config(bundle_path)
     sid_cfg = config.get("sid", {})
@@ -64,7 +64,7 @@ def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarr
     has free (as `training.quantize.spread_last_level` placed the catalogue); otherwise, or when
     the prefix has none free, it takes the next dedup digit of its codes.
     """
-    from training.quantize import assign_codes, last_level_residual, sq_dists
+    from sidrec.training.quantize import assign_codes, last_level_residual, sq_dists
 
     codes = assign_codes(X, codebooks)  # (M, levels)
     k = codes.shape[1]

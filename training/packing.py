@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.config import BOS_ID, PAD_ID
+from sidrec.model.config import BOS_ID, PAD_ID
 
 
 @dataclass

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.trie import PrefixTrie
-from model.bundle import save_bundle
-from model.config import SIDLayout
-from training.config import PipelineConfig, fingerprint
+from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.bundle import save_bundle
+from sidrec.model.config import SIDLayout
+from sidrec.training.config import PipelineConfig, fingerprint
 
 STAGES = ("data", "embed", "sids", "train", "evaluate", "export")
 
@@ -69,7 +69,7 @@ class Run:
 
 
 def stage_data(run: Run) -> None:
-    from training.data import leave_one_out, load_dataset
+    from sidrec.training.data import leave_one_out, load_dataset
 
     if run.data is None:
         if run.data_path is None:
@@ -87,7 +87,7 @@ def stage_data(run: Run) -> None:
 
 
 def stage_embed(run: Run) -> None:
-    from training.embeddings import DEFAULT_TEMPLATE, embed_items, render_text
+    from sidrec.training.embeddings import DEFAULT_TEMPLATE, embed_items, render_text
 
     if run.data is None:
         stage_data(run)
@@ -112,8 +112,8 @@ def stage_embed(run: Run) -> None:
 
 
 def stage_sids(run: Run) -> None:
-    from training.quantize import rq_kmeans, rq_vae, spread_last_level
-    from training.sids import add_dedup_digit, plot_codebook_usage, sid_report
+    from sidrec.training.quantize import rq_kmeans, rq_vae, spread_last_level
+    from sidrec.training.sids import add_dedup_digit, plot_codebook_usage, sid_report
 
     if run.embeddings is None:
         stage_embed(run)
@@ -168,9 +168,9 @@ def _load_sids(run: Run, path: Path) -> None:
 
 
 def stage_train(run: Run) -> None:
-    from training.data import sliding_windows
-    from training.packing import PackedSet
-    from training.train import WindowSet, build_model, save_weights, train_model
+    from sidrec.training.data import sliding_windows
+    from sidrec.training.packing import PackedSet
+    from sidrec.training.train import WindowSet, build_model, save_weights, train_model
 
     if run.sid_map is None:
         stage_sids(run)
@@ -214,7 +214,7 @@ def stage_train(run: Run) -> None:
             save_weights(run.model, ckpt_dir / "refit.safetensors")
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from training.report import plot_learning_curves
+    from sidrec.training.report import plot_learning_curves
 
     (run.out / "report").mkdir(parents=True, exist_ok=True)
     plot_learning_curves(res.history, run.out / "report" / "learning_curves.png")
@@ -225,8 +225,8 @@ def stage_train(run: Run) -> None:
 
 
 def stage_evaluate(run: Run) -> dict:
-    from training.evaluate import evaluate, popularity_metrics
-    from training.train import autocast_dtype
+    from sidrec.training.evaluate import evaluate, popularity_metrics
+    from sidrec.training.train import autocast_dtype
 
     if run.model is None:
         stage_train(run)
@@ -286,7 +286,7 @@ def run_pipeline(data_path: str | None, out: str | Path, cfg: PipelineConfig, un
     run.out.mkdir(parents=True, exist_ok=True)
     _atomic_json(run.out / "pipeline_config.json", cfg.to_dict())
     if data is not None:
-        from training.data import leave_one_out
+        from sidrec.training.data import leave_one_out
 
         run.data, run.split = data, leave_one_out(data)
     fns = {"data": stage_data, "embed": stage_embed, "sids": stage_sids, "train": stage_train,

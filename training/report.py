@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.figures import save_figure  # noqa: E402
+from sidrec.figures import save_figure  # noqa: E402
 
 
 def plot_learning_curves(history: list[dict], path: str | Path) -> Path:

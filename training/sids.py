@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from training.figures import save_figure
+from sidrec.figures import save_figure
 
 
 def _codes(codes: np.ndarray) -> np.ndarray:

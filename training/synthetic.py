@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DataError, InteractionData, P5_ITEM_FILES, P5_SEQUENCES, fingerprint_bytes, p5_options
+from sidrec.training.data import DataError, InteractionData, P5_ITEM_FILES, P5_SEQUENCES, fingerprint_bytes, p5_options
 
 # (leaf path under "Beauty", nouns, descriptors, base price)
 _CATEGORIES = [

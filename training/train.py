@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from kernels.trie import PrefixTrie
-from model.config import PAD_ID, ModelConfig, SIDLayout
-from model.engine import fast_dtype, tune_glibc_malloc
-from model.transformer import SIDTransformer
-from training import distributed as dist_utils
-from training.config import TrainConfig
-from training.evaluate import evaluate
-from training.packing import PackedSet
+from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.config import PAD_ID, ModelConfig, SIDLayout
+from sidrec.model.engine import fast_dtype, tune_glibc_malloc
+from sidrec.model.transformer import SIDTransformer
+from sidrec.training import distributed as dist_utils
+from sidrec.training.config import TrainConfig
+from sidrec.training.evaluate import evaluate
+from sidrec.training.packing import PackedSet
 
 
 @dataclass

@@ -19,8 +19,8 @@ What it does, in order (each part reports and carries on if it fails; the JSON s
 
 It is not a test (tests/test_beam_step.py is, in the Triton interpreter) nor a CPU benchmark.
 
-    python -m kernels.gpu_check                      # on the GPU machine, from the repo root
-    python -m kernels.gpu_check --dry-run            # CPU, tiny sizes, Triton interpreter (CI)
+    python benchmarks/gpu_check.py                      # on the GPU machine, from the repo root
+    python benchmarks/gpu_check.py --dry-run            # CPU, tiny sizes, Triton interpreter (CI)
 """
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from kernels.beam_step_ref import beam_step_reference  # noqa: E402
-from kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
+from sidrec.kernels.beam_step_ref import beam_step_reference  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
 
 HISTORY = 20  # items per request history
 TOP_N = 10
@@ -103,7 +103,7 @@ def pct(xs: list[float], q: float) -> float:
 
 # ---- 1. kernel check ---------------------------------------------------------------------------
 def kernel_check(device: torch.device, dry: bool) -> dict:
-    from kernels.beam_step_triton import beam_step_triton
+    from sidrec.kernels.beam_step_triton import beam_step_triton
 
     g = torch.Generator().manual_seed(0)
     n = 300 if dry else 1_000_000
@@ -147,9 +147,9 @@ def kernel_check(device: torch.device, dry: bool) -> dict:
 
 # ---- 2. engine timing --------------------------------------------------------------------------
 def make_bundle(path: Path, n: int, dry: bool):
-    from model.bundle import save_bundle
-    from model.config import ModelConfig, SIDLayout
-    from model.transformer import SIDTransformer
+    from sidrec.model.bundle import save_bundle
+    from sidrec.model.config import ModelConfig, SIDLayout
+    from sidrec.model.transformer import SIDTransformer
 
     g = torch.Generator().manual_seed(n)
     sid, cards = random_sids(n, g, card=8 if dry else 256)
@@ -163,7 +163,7 @@ def make_bundle(path: Path, n: int, dry: bool):
 
 def capture_search(engine, B: int, K: int, histories):
     """CUDA graph of one whole beam search at (B, K); returns a replay(histories) -> BeamResult."""
-    from model.beam_search import beam_search, encode_histories
+    from sidrec.model.beam_search import beam_search, encode_histories
 
     dev = engine.device
     src0, mask0 = encode_histories(histories, engine.sid_map, engine.model.offsets, HISTORY, dev)
@@ -193,7 +193,7 @@ def capture_search(engine, B: int, K: int, histories):
 
 def compiled_search(engine, K: int):
     """Fallback: torch.compile(mode='reduce-overhead') of the decoder step, eager beam search."""
-    from model.beam_search import beam_search
+    from sidrec.model.beam_search import beam_search
 
     model = engine.model
     step = torch.compile(model.decode_step, mode="reduce-overhead", dynamic=False)
@@ -205,7 +205,7 @@ def compiled_search(engine, K: int):
         decode_step = staticmethod(step)
 
     def call(hist):
-        from model.beam_search import encode_histories
+        from sidrec.model.beam_search import encode_histories
 
         s, m = encode_histories(hist, engine.sid_map, model.offsets, HISTORY, engine.device)
         with torch.no_grad():
@@ -221,7 +221,7 @@ def time_calls(fn, make_hist, reps: int, timer: Timer, warmup: int = 2) -> list[
 
 
 def engine_timing(device: torch.device, args, t_start: float) -> list[dict]:
-    from model.engine import EngineOptions, RecommendEngine
+    from sidrec.model.engine import EngineOptions, RecommendEngine
 
     rows = []
     timer = Timer(device)

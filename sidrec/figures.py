@@ -1,5 +1,7 @@
-"""Writing a matplotlib figure to a PNG atomically: one helper for every plot sidrec draws
-(learning curves, codebook usage, the service sweep, load-test latency over time)."""
+"""Writing a matplotlib figure to a PNG atomically: one helper for every plot sidrec draws, in the
+package root so that training, benchmarks and load tests may all use it (learning curves,
+codebook usage, the service sweep, load-test latency over time). Imports only the standard library;
+matplotlib belongs to the caller."""
 from __future__ import annotations
 
 import os

@@ -1,1 +1,0 @@
-"""sidrec online service: FastAPI app over the decoding engine."""

@@ -1,1 +1,0 @@
-"""sidrec offline pipeline: data -> embeddings -> SIDs -> model -> evaluation -> bundle."""
