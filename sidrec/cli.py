@@ -56,15 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidrec: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(cmd.module)
+        # A half imports some of its extras only when a command needs them: a missing one can
+        # surface at import or at run time, and gets the same answer either way.
+        return int(importlib.import_module(cmd.module).main(argv) or 0)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "sidrec":
             raise  # our own module is missing: a broken install, not a missing extra
         print(f"sidrec {argv[0]}: needs the '{cmd.extra}' extra (missing module {e.name!r}); "
               f"install it with: pip install 'sidrec[{cmd.extra}]'", file=sys.stderr)
         return 2
-    return int(module.main(argv) or 0)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,15 +31,17 @@ def _kernels_requirement() -> Requirement:
     return Requirement("kernels")  # a transformers that does not ask for it: any release will do
 
 
-def _real_kernels_on(scratch: Path) -> str:
-    """Put the real `kernels` distribution into `scratch` (a copy of the installed one when it fits
-    transformers' range, else a pip install from the index), and return its version."""
+def _real_kernels_on(scratch: Path, source: str) -> str:
+    """Put the real `kernels` distribution into `scratch` and return its version. source
+    "installed": a copy of the one in this environment (the lock installs it), falling back to the
+    index when absent or outside transformers' range; "index": always a fresh pip install from the
+    package index, as an environment built without the lock would get it."""
     want = _kernels_requirement()
     try:
         dist = md.distribution("kernels")
     except md.PackageNotFoundError:
         dist = None
-    if dist is not None and want.specifier.contains(dist.version, prereleases=True):
+    if source == "installed" and dist is not None and want.specifier.contains(dist.version, prereleases=True):
         site = Path(dist.locate_file(""))
         for rel in dist.files or []:
             src = site / rel
@@ -48,8 +50,8 @@ def _real_kernels_on(scratch: Path) -> str:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
         return dist.version
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(scratch),
-                           str(want)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                           "--target", str(scratch), str(want)], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"could not install {want} into a scratch folder:\n{proc.stderr[-2000:]}")
     return md.Distribution.at(next(scratch.glob("kernels-*.dist-info"))).version
@@ -81,8 +83,9 @@ print(json.dumps({"kernels": kernels.__file__, "sidrec": loaded}))
 """
 
 
-def test_sidrec_never_shadows_the_kernels_distribution(tmp_path):
-    version = _real_kernels_on(tmp_path)
+@pytest.mark.parametrize("source", ["installed", "index"])
+def test_sidrec_never_shadows_the_kernels_distribution(tmp_path, source):
+    version = _real_kernels_on(tmp_path, source)
     assert version
     modules = _all_sidrec_modules()
     assert len(modules) > 40  # every module of the four parts
