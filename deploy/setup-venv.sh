@@ -14,7 +14,13 @@ fi
 STAMP=.venv/.sidrec-lock.sha256
 WANT=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$LOCK"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "==> installing $LOCK into .venv (pip's log: .venv/pip-install.log)"
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --require-hashes -r "$LOCK" &&
+         .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .; } \
+       > .venv/pip-install.log 2>&1; then
+    grep -v "^WARNING: Location" .venv/pip-install.log | tail -40 >&2
+    echo "setup-venv: installing $LOCK failed (full log: .venv/pip-install.log)" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
