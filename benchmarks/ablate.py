@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sidrec.training.config import PipelineConfig, apply_overrides, load_config  # noqa: E402
-from sidrec.training.protocol import for_protocol, read_record, run_protocol  # noqa: E402
+from sidrec.training.protocol import read_record, resolve_data, run_protocol  # noqa: E402
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
@@ -74,21 +74,6 @@ def _parse(key: str, raw: str | None, name: str, path: Path):
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
-
-
-def resolve_data(spec: str):
-    """(InteractionData, path or None) for a dataset path or "synthetic[:ITEMSxUSERS]"."""
-    if spec.startswith("synthetic"):
-        from sidrec.training.synthetic import make_synthetic
-
-        m = re.fullmatch(r"synthetic(?::(\d+)x(\d+))?", spec)
-        if not m:
-            raise ValueError(f"--data {spec!r}: expected a dataset path or synthetic[:ITEMSxUSERS]")
-        items, users = (int(m.group(1)), int(m.group(2))) if m.group(1) else (400, 1500)
-        return make_synthetic(items, users, seed=0), None
-    from sidrec.training.data import load_dataset
-
-    return load_dataset(spec), spec
 
 
 def build_configs(base: PipelineConfig, variants: list[dict], budget: float, extra: list[str]

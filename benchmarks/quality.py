@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sidrec.training.anchors import anchor_rows, identify_dataset  # noqa: E402
 from sidrec.training.cli import demo_config  # noqa: E402
 from sidrec.training.config import PipelineConfig, apply_overrides, load_config  # noqa: E402
-from sidrec.training.protocol import loud, recipe_key, run_protocol  # noqa: E402
+from sidrec.training.protocol import loud, recipe_key, resolve_data, run_protocol  # noqa: E402
 
 KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
@@ -70,7 +70,8 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "amazon-beauty"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "amazon-beauty"),
+                   help="dataset path, or synthetic[:ITEMSxUSERS] (the built-in generator; --config applies)")
     p.add_argument("--out", help="run directory (default runs/beauty; a select run alone: runs/beauty-select; "
                    "with --protocol both the select run goes to OUT-select)")
     p.add_argument("--config", help="recipe name (beauty-cpu) or JSON config file; Beauty data only")
@@ -84,12 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     t0 = time.time()
-    if Path(a.data).is_dir():
-        from sidrec.training.data import load_dataset
-
-        cfg = load_config(a.config) if a.config else PipelineConfig()
-        data_path, data = a.data, load_dataset(a.data)
-        recipe = a.config or "default"
+    if a.data.startswith("synthetic") or Path(a.data).is_dir():
+        try:
+            data, data_path = resolve_data(a.data)
+        except ValueError as e:
+            raise SystemExit(f"quality.py: {e}") from None
+        synthetic = data_path is None
+        cfg = load_config(a.config) if a.config else demo_config() if synthetic else PipelineConfig()
+        recipe = a.config or ("demo" if synthetic else "default")
     else:
         from sidrec.training.synthetic import make_synthetic
 

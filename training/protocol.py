@@ -14,14 +14,16 @@ A select run and a final run match when the dataset fingerprint and the recipe k
 key hashes the whole config except what the protocol itself sets (train.fit_on,
 train.refit_epochs, the eval section) and where it runs (train.device, train.num_threads).
 
-This module builds the configs, keys, provenance and records, and runs one select or final run
-through `training.pipeline` (`run_protocol`); the training and scoring are the pipeline's.
+This module builds the configs, keys, provenance and records, resolves the dataset a run names
+(a path or the synthetic generator), and runs one select or final run through
+`training.pipeline` (`run_protocol`); the training and scoring are the pipeline's.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,11 +35,27 @@ PROTOCOLS = ("select", "final")
 KEY_EXCLUDES = {"train": ("fit_on", "refit_epochs", "device", "num_threads")}
 
 
+def resolve_data(spec: str):
+    """(InteractionData, path or None) for a dataset path or "synthetic[:ITEMSxUSERS]"."""
+    if spec.startswith("synthetic"):
+        from sidrec.training.synthetic import make_synthetic
+
+        m = re.fullmatch(r"synthetic(?::(\d+)x(\d+))?", spec)
+        if not m:
+            raise ValueError(f"--data {spec!r}: expected a dataset path or synthetic[:ITEMSxUSERS]")
+        items, users = (int(m.group(1)), int(m.group(2))) if m.group(1) else (400, 1500)
+        return make_synthetic(items, users, seed=0), None
+    from sidrec.training.data import load_dataset
+
+    return load_dataset(spec), spec
+
+
 def for_protocol(cfg: PipelineConfig, protocol: str) -> PipelineConfig:
     """The config a `protocol` run trains and scores with."""
     if protocol == "select":
+        # No wide-beam recalls: they steer nothing here and a beam of 1000 costs most of an evaluation.
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fit_on="train", refit_epochs=0),
-                                   eval=dataclasses.replace(cfg.eval, splits=("valid",)))
+                                   eval=dataclasses.replace(cfg.eval, splits=("valid",), wide_beams=()))
     if protocol == "final":
         # Validation is scored too where the fit left it unseen (then it is this run's own).
         return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, splits=("valid", "test")))
