@@ -130,9 +130,10 @@ def markdown_table(rows: list[dict], base_name: str, budget: float) -> str:
     for r in rows:
         v, t = r["valid"] or {}, r["test"] or {}
         delta = (v["ndcg@10"] - base["valid"]["ndcg@10"]) if v and base["valid"] else None
+        minutes = "" if r["train_minutes"] is None else f"{r['train_minutes']:.2f}"
         lines.append(f"| {r['name']} | {r['changed']} | {_fmt(v.get('recall@10'))} | {_fmt(v.get('ndcg@10'))} | "
                      f"{_fmt(v.get('ndcg@5'))} | {'' if delta is None else f'{delta:+.4f}'} | "
-                     f"{_fmt(r['epochs_run'])} | {_fmt(r['train_minutes'])} | {_fmt(t.get('recall@10'))} | "
+                     f"{_fmt(r['epochs_run'])} | {minutes} | {_fmt(t.get('recall@10'))} | "
                      f"{_fmt(t.get('ndcg@10'))} | {_fmt(t.get('ndcg@5'))} |")
     return "\n".join(lines) + "\n"
 

@@ -63,9 +63,10 @@ def table_rows(anchors, match, select_m: dict | None, final_m: dict | None, sel_
 
 
 def print_table(rows: list[tuple[str, str, dict]]) -> None:
-    print(f"\n{'':44s}{'split':>7s}{'R@5':>8s}{'N@5':>8s}{'R@10':>8s}{'N@10':>8s}")
+    w = max([len(r[0]) for r in rows] + [30]) + 2
+    print(f"\n{'':{w}s}{'split':>7s}{'R@5':>8s}{'N@5':>8s}{'R@10':>8s}{'N@10':>8s}")
     for label, split, m in rows:
-        print(f"{label:44s}{split:>7s}" + "".join(f"{m[k]:8.4f}" if k in m else f"{'':8s}" for k in KEYS))
+        print(f"{label:{w}s}{split:>7s}" + "".join(f"{m[k]:8.4f}" if k in m else f"{'':8s}" for k in KEYS))
 
 
 def main(argv: list[str] | None = None) -> dict:
