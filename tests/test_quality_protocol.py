@@ -199,3 +199,17 @@ def test_shipped_variant_lists_name_only_existing_settings(name):
     cfgs = ablate.build_configs(load_config(base), variants, 20.0, [])
     assert len({recipe_key(c) for c in cfgs}) == len(cfgs), "two variants train the same recipe"
     assert all(c.train.time_budget_min == 20.0 for c in cfgs)
+
+
+def test_missing_selection_names_how_the_nearest_record_differs(tmp_path):
+    from sidrec.training.protocol import provenance, record_path, write_record
+
+    cfg = apply_overrides(PipelineConfig.from_dict(TINY), {"train.time_budget_min": 20})
+    metrics = {"dataset": "d", "dataset_fingerprint": "abcdef0123456789", "valid": {"ndcg@10": 0.1}}
+    write_record(tmp_path, "select", metrics, cfg, "tiny", tmp_path / "run")
+    other = apply_overrides(cfg, {"train.time_budget_min": 80, "train.fit_on": "train+valid"})
+    expected = record_path(tmp_path, "select", "abcdef0123456789", other)
+    prov = provenance("final", "tiny", other, None, expected)
+    assert prov["selected_on"] == "unknown" and str(expected) in prov["selection_warning"]
+    assert "train.time_budget_min: 20 there, 80 here" in prov["selection_warning"]
+    assert "fit_on" not in prov["selection_warning"]  # the protocol's own setting is no difference

@@ -12,7 +12,12 @@ Two kinds of run, each leaving a record in a registry directory (default runs/se
 
 A select run and a final run match when the dataset fingerprint and the recipe key agree; the
 key hashes the whole config except what the protocol itself sets (train.fit_on,
-train.refit_epochs, the eval section) and where it runs (train.device, train.num_threads).
+train.refit_epochs, the eval section) and where it runs (train.device, train.num_threads); a
+final run that finds no record names the nearest one's differing settings.
+
+A select run (a train-only fit) keeps the checkpoint of best validation Recall@10 on
+`train.eval_users` sampled users and then scores every user: that pick flatters its validation
+numbers a little, the same way for every variant compared.
 
 This module builds the configs, keys, provenance and records, resolves the dataset a run names
 (a path or the synthetic generator), and runs one select or final run through
@@ -90,15 +95,38 @@ def provenance(protocol: str, recipe_name: str | None, cfg: PipelineConfig,
                     "selection_valid": selection.get("valid")})
     else:
         out.update({"selected_on": "unknown", "selection_record": None,
-                    "selection_warning": missing_selection_warning(selection_path)})
+                    "selection_warning": missing_selection_warning(selection_path, cfg)})
     return out
 
 
-def missing_selection_warning(expected: Path | None) -> str:
+def missing_selection_warning(expected: Path | None, cfg: PipelineConfig | None = None) -> str:
     where = f" (looked for {expected})" if expected is not None else ""
+    near = closest_record_difference(expected, cfg) if expected is not None and cfg is not None else None
     return ("no selection record for this recipe on this dataset" + where + ": these test numbers were not "
             "preceded by a validation-only run of the same recipe and budget, so nothing shows the recipe was "
-            "chosen without looking at test. Run the same command with --protocol select first.")
+            "chosen without looking at test. Run the same command with --protocol select first."
+            + (f" The closest select record on this dataset differs in {near}." if near else ""))
+
+
+def _flat(d: dict) -> dict[str, Any]:
+    return {f"{a}.{b}": v for a, sub in d.items() if a != "eval" for b, v in sub.items()
+            if b not in KEY_EXCLUDES.get(a, ())}
+
+
+def closest_record_difference(expected: Path, cfg: PipelineConfig) -> str | None:
+    """How the nearest select record of the same dataset differs from `cfg` ("train.lr: 0.001 there,
+    0.002 here"), or None when the registry holds none; so a budget typo is plain to see."""
+    prefix = expected.name.split("-", 1)[0]
+    mine, best = _flat(cfg.to_dict()), None
+    for path in sorted(expected.parent.glob(f"{prefix}-*.select.json")):
+        try:
+            theirs = _flat(json.loads(path.read_text())["config"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue
+        diff = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
+        if diff and (best is None or len(diff) < len(best)):
+            best = diff
+    return "; ".join(best[:4]) + (f" (+{len(best) - 4} more)" if len(best) > 4 else "") if best else None
 
 
 def loud(message: str) -> str:
