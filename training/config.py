@@ -173,12 +173,6 @@ def _check_type(owner: str, f: dataclasses.Field, value: Any) -> None:
                          f"got {type(value).__name__} {value!r}")
 
 
-def setting_names(cfg: "PipelineConfig | None" = None) -> list[str]:
-    """Every `section.key` a config has (what `--set` and ablation variants may name)."""
-    d = (cfg or PipelineConfig()).to_dict()
-    return [f"{a}.{b}" for a in d for b in d[a]]
-
-
 def apply_overrides(cfg: PipelineConfig, overrides: dict[str, Any] | list[str]) -> PipelineConfig:
     """`cfg` with `section.key` settings replaced: a dict of typed values, or a list of
     "section.key=value" strings (value parsed as JSON, else kept as a string). An unknown key

@@ -246,7 +246,7 @@ def stage_evaluate(run: Run) -> dict:
     path = run.out / "metrics.json"
     fresh = run.is_fresh("evaluate", fp) and path.is_file()
     metrics = json.loads(path.read_text()) if fresh else _score_splits(run)
-    for k in PROVENANCE_KEYS:  # a fresh score keeps no stale provenance from an earlier call
+    for k in PROVENANCE_KEYS:  # only this call's provenance: none left over from an earlier one
         metrics.pop(k, None)
     metrics.update({"protocol": None, "selected_on": None, **run.provenance})
     _atomic_json(path, metrics)
