@@ -54,7 +54,11 @@ class TrainConfig:
     objective: str = "windows"
     batch_size: int = 256  # ~500 optimiser steps per Beauty epoch; larger batches hurt early recall
     lr: float = 2e-3
-    min_lr_ratio: float = 0.05  # cosine decay floor, as a fraction of lr
+    # After warmup: "cosine" decays to min_lr_ratio * lr over the run (fitted to the time budget
+    # when there is one); "inverse_sqrt" is TIGER's schedule, lr * sqrt(warmup / step), floored at
+    # min_lr_ratio * lr and independent of the run's length. min_lr_ratio=1 makes either constant.
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.05  # decay floor, as a fraction of lr
     weight_decay: float = 0.05
     warmup_steps: int = 300
     epochs: int = 30
@@ -78,7 +82,7 @@ class TrainConfig:
     # Beauty: test R@10 0.0608, against 0.0553 train-only and 0.0578 with a one-epoch refit, though
     # with a different model and machine; see README).
     fit_on: str = "train"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # per SID level's cross-entropy; 0 = plain CE
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
@@ -94,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"train.objective must be 'windows' or 'packed', got {self.objective!r}")
         if self.objective == "packed" and self.arch != "decoder_only":
             raise ValueError("train.objective=packed needs train.arch=decoder_only")
+        if self.lr_schedule not in ("cosine", "inverse_sqrt"):
+            raise ValueError(f"train.lr_schedule must be 'cosine' or 'inverse_sqrt', got {self.lr_schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     def model_kwargs(self) -> dict[str, Any]:
         keys = ("arch", "d_model", "n_heads", "d_head", "d_ff", "n_enc_layers", "n_dec_layers", "dropout",
@@ -107,6 +115,17 @@ class EvalConfig:
     wide_beams: tuple[int, ...] = (100, 1000)  # Recall@100 at beam 100, Recall@1000 at beam 1000
     wide_users: int = 1000  # users sampled for the wide-beam recalls (cost grows with the beam)
     batch_size: int = 128
+    # Which leave-one-out targets the evaluate stage scores: "valid" (each user's second-to-last
+    # item, history seq[:-2]) steers recipe choices; "test" (the last item, history seq[:-1]) is
+    # scored once for the chosen recipe. Validation is skipped, with a note, for a model that
+    # trained on the validation targets (train.fit_on=train+valid or train.refit_epochs > 0).
+    splits: tuple[str, ...] = ("valid", "test")
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.splits if s not in ("valid", "test")]
+        if bad or not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"eval.splits must be a non-empty list of distinct 'valid' / 'test', "
+                             f"got {list(self.splits)!r}")
 
 
 @dataclass(frozen=True)
@@ -126,14 +145,58 @@ class PipelineConfig:
             raise ValueError(f"unknown sections {sorted(set(d) - sections)}; known: embed, sid, train, eval")
 
         def build(kls, sub):
-            names = {f.name for f in dataclasses.fields(kls)}
-            unknown = set(sub) - names
+            fields = {f.name: f for f in dataclasses.fields(kls)}
+            unknown = set(sub) - set(fields)
             if unknown:
                 raise ValueError(f"unknown {kls.__name__} keys: {sorted(unknown)}")
             sub = {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+            for k, v in sub.items():
+                _check_type(kls.__name__, fields[k], v)
             return kls(**sub)
         return cls(build(EmbedConfig, d.get("embed", {})), build(SIDConfig, d.get("sid", {})),
                    build(TrainConfig, d.get("train", {})), build(EvalConfig, d.get("eval", {})))
+
+
+def _check_type(owner: str, f: dataclasses.Field, value: Any) -> None:
+    """A value of the default's type (an int is a float too; a bool is not an int). Fields whose
+    default is None take any value: their own checks (or the stage using them) judge it."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default is None:
+        return
+    want = type(default)
+    ok = (isinstance(value, bool) if want is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
+          else isinstance(value, int) and not isinstance(value, bool) if want is int
+          else isinstance(value, want))
+    if not ok:
+        raise ValueError(f"{owner}.{f.name} must be {want.__name__} (default {default!r}), "
+                         f"got {type(value).__name__} {value!r}")
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: dict[str, Any] | list[str]) -> PipelineConfig:
+    """`cfg` with `section.key` settings replaced: a dict of typed values, or a list of
+    "section.key=value" strings (value parsed as JSON, else kept as a string). An unknown key
+    raises ValueError naming it and the keys of its section; a bad value, naming the setting."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for s in overrides:
+            if not isinstance(s, str) or "=" not in s:
+                raise ValueError(f"override {s!r}: expected SECTION.KEY=VALUE (e.g. train.epochs=5)")
+            key, raw = s.split("=", 1)
+            try:
+                pairs[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                pairs[key.strip()] = raw
+        overrides = pairs
+    d = cfg.to_dict()
+    for key, val in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in d:
+            raise ValueError(f"unknown setting {key!r}: no section {section!r}; sections: {', '.join(d)}")
+        if name not in d[section]:
+            raise ValueError(f"unknown setting {key!r}; {section} has: {', '.join(sorted(d[section]))}")
+        d[section][name] = val
+    return PipelineConfig.from_dict(d)
 
 
 def recipe_names() -> list[str]:

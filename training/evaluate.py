@@ -1,6 +1,8 @@
 """Evaluation by the TIGER protocol: leave-one-out, full-catalogue ranking by constrained beam search.
 
-Recall@k and NDCG@k with one relevant item per user. Ranking calls `model.beam_search` — the same
+Recall@k and NDCG@k with one relevant item per user, on either leave-one-out split: "valid"
+(history seq[:-2], target seq[-2]; the split every recipe choice is made on) or "test" (history
+seq[:-1], target seq[-1]; scored once for the chosen recipe). Ranking calls `model.beam_search` — the same
 beam search the service runs — so offline numbers are the numbers serving delivers. Also the
 popularity baseline on the same split, and wide-beam recalls (@100, @1000) for retrieval use.
 This module does not train anything.
@@ -17,6 +19,17 @@ from tqdm import tqdm
 from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.beam_search import beam_search, encode_histories
 from sidrec.model.transformer import SIDTransformer
+
+SPLITS = ("valid", "test")
+
+
+def split_targets(split, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """(histories, targets) of a `training.data.Split` for split `name` ("valid" or "test")."""
+    if name == "valid":
+        return split.valid_history, np.asarray(split.valid_target)
+    if name == "test":
+        return split.test_history, np.asarray(split.test_target)
+    raise ValueError(f"unknown split {name!r}; splits are {', '.join(SPLITS)}")
 
 
 def recall_ndcg(ranked: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict[str, float]:

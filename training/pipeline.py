@@ -24,6 +24,7 @@ from sidrec.model.config import SIDLayout
 from sidrec.training.config import PipelineConfig, fingerprint
 
 STAGES = ("data", "embed", "sids", "train", "evaluate", "export")
+PROVENANCE_KEYS = ("protocol", "selected_on", "recipe", "selection_record", "selection_valid", "selection_warning")
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -49,6 +50,9 @@ class Run:
     layout: SIDLayout | None = None
     model: Any = None
     fps: dict[str, str] = field(default_factory=dict)
+    # Merged into metrics.json by the evaluate stage: protocol, recipe, selected_on ...
+    # (training.protocol.provenance); not part of any fingerprint.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def stamp_path(self, stage: str) -> Path:
         return self.out / "stages" / f"{stage}.json"
@@ -224,34 +228,65 @@ def stage_train(run: Run) -> None:
               epochs_run=len(res.history))
 
 
-def stage_evaluate(run: Run) -> dict:
-    from sidrec.training.evaluate import evaluate, popularity_metrics
-    from sidrec.training.train import autocast_dtype
+def seen_validation_targets(c) -> bool:
+    """Whether a model trained with TrainConfig `c` has trained on the validation targets."""
+    return c.fit_on == "train+valid" or c.refit_epochs > 0
 
+
+def stage_evaluate(run: Run) -> dict:
+    """Score the splits `eval.splits` names (validation and test side by side by default) and
+    write metrics.json: one block per split, the test split's numbers also at the top level (the
+    bundle's evaluation summary), and the run's provenance (`Run.provenance`: protocol, recipe,
+    the split that selected it), which is refreshed even when the scores are fresh."""
     if run.model is None:
         stage_train(run)
     ce = run.cfg.eval
     fp = fingerprint(run.fps["train"], ce)
     run.fps["evaluate"] = fp
     path = run.out / "metrics.json"
-    if run.is_fresh("evaluate", fp) and path.is_file():
-        return json.loads(path.read_text())
-    sp = run.split
-    trie = PrefixTrie.build(run.sid_map, run.layout.cardinalities)
-    dtype = autocast_dtype(run.cfg.train.dtype, torch.device(run.cfg.train.device))
-    t = time.time()
-    test = evaluate(run.model, trie, run.sid_map, sp.test_history, np.asarray(sp.test_target), beam=ce.beam,
-                    wide_beams=ce.wide_beams, wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype,
-                    progress=True)
-    pop = popularity_metrics(sp.train, np.asarray(sp.test_target), run.data.num_items, ks=(5, 10))
-    stamp = json.loads(run.stamp_path("train").read_text()) if run.stamp_path("train").is_file() else {}
-    metrics = {"dataset": run.data.name, "split": "test (leave-one-out)", "beam": ce.beam, **test,
-               "popularity": pop, "train_minutes": stamp.get("train_minutes"),
-               "best_epoch": stamp.get("best_epoch"), "eval_seconds": round(time.time() - t, 1),
-               "device": run.cfg.train.device}
+    fresh = run.is_fresh("evaluate", fp) and path.is_file()
+    metrics = json.loads(path.read_text()) if fresh else _score_splits(run)
+    for k in PROVENANCE_KEYS:  # only this call's provenance: none left over from an earlier one
+        metrics.pop(k, None)
+    metrics.update({"protocol": None, "selected_on": None, **run.provenance})
     _atomic_json(path, metrics)
-    run.stamp("evaluate", fp)
-    run.log("evaluate: " + json.dumps(metrics))
+    if not fresh:
+        run.stamp("evaluate", fp)
+        run.log("evaluate: " + json.dumps({k: v for k, v in metrics.items() if k != "recipe"}))
+    return metrics
+
+
+def _score_splits(run: Run) -> dict:
+    from sidrec.training.evaluate import evaluate, popularity_metrics, split_targets
+    from sidrec.training.train import autocast_dtype
+
+    ce, c, sp = run.cfg.eval, run.cfg.train, run.split
+    trie = PrefixTrie.build(run.sid_map, run.layout.cardinalities)
+    dtype = autocast_dtype(c.dtype, torch.device(c.device))
+    stamp = json.loads(run.stamp_path("train").read_text()) if run.stamp_path("train").is_file() else {}
+    metrics: dict[str, Any] = {
+        "dataset": run.data.name, "dataset_fingerprint": run.data.fingerprint, "beam": ce.beam,
+        "train_minutes": stamp.get("train_minutes"), "best_epoch": stamp.get("best_epoch"),
+        "epochs_run": stamp.get("epochs_run"), "device": c.device, "fit_on": c.fit_on,
+        # What picked the checkpoint inside this run (the recipe's selection is `selected_on`).
+        "checkpoint_selected_on": "validation" if c.fit_on == "train" else "last epoch",
+    }
+    t = time.time()
+    for name in ce.splits:
+        if name == "valid" and seen_validation_targets(c):
+            metrics["valid"] = None
+            metrics["valid_skipped"] = (f"the model trained on the validation targets (fit_on={c.fit_on}, "
+                                        f"refit_epochs={c.refit_epochs}); its validation numbers come from "
+                                        "a selection run that fits on train only")
+            continue
+        hist, tgt = split_targets(sp, name)
+        m = evaluate(run.model, trie, run.sid_map, hist, tgt, beam=ce.beam, wide_beams=ce.wide_beams,
+                     wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype, progress=True)
+        m["popularity"] = popularity_metrics(sp.train, tgt, run.data.num_items, ks=(5, 10))
+        metrics[name] = m
+    if metrics.get("test"):  # the flat keys the bundle and older readers know
+        metrics.update({"split": "test (leave-one-out)", **metrics["test"]})
+    metrics["eval_seconds"] = round(time.time() - t, 1)
     return metrics
 
 
@@ -279,10 +314,11 @@ def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
 
 def run_pipeline(data_path: str | None, out: str | Path, cfg: PipelineConfig, until: str = "export",
                  only: str | None = None, force: bool = False, log: Callable[[str], None] = print,
-                 data: Any = None) -> Run:
+                 data: Any = None, provenance: dict[str, Any] | None = None) -> Run:
     """Run stages up to `until` (or just `only`, computing what it needs). `data` may be an
-    already-loaded InteractionData (the synthetic generator's), instead of a path."""
-    run = Run(data_path, Path(out), cfg, log=log, force=force)
+    already-loaded InteractionData (the synthetic generator's), instead of a path. `provenance`
+    is recorded in metrics.json (see `training.protocol`)."""
+    run = Run(data_path, Path(out), cfg, log=log, force=force, provenance=dict(provenance or {}))
     run.out.mkdir(parents=True, exist_ok=True)
     _atomic_json(run.out / "pipeline_config.json", cfg.to_dict())
     if data is not None:
