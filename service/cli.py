@@ -1,5 +1,5 @@
 """The online half of the `sidrec` command (`sidrec.cli` dispatches here): `sidrec serve`,
-`sidrec index load|list|activate|drop`.
+`sidrec index load|list|activate|drop|replicas`.
 
 `serve` runs uvicorn (one process, or `--workers N` processes that each build the app from the
 SIDREC_* environment); flags override the environment. `index` manages inverse-index versions
@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="manage inverse-index versions in Redis")
     isub = i.add_subparsers(dest="index_command", required=True)
     for name, help_ in (("load", "load a bundle's SID map"), ("list", "list loaded versions"),
-                        ("activate", "point the current version at VERSION"), ("drop", "delete one version")):
+                        ("activate", "point the current version at VERSION"), ("drop", "delete one version"),
+                        ("replicas", "list live replicas and the version each serves")):
         c = isub.add_parser(name, help=help_)
         c.add_argument("--redis-url", dest="redis_url", help="Redis URL (default SIDREC_REDIS_URL)")
         c.add_argument("--namespace", help="key namespace (default SIDREC_REDIS_NAMESPACE or 'sidrec')")
@@ -115,6 +116,11 @@ def index(args: argparse.Namespace) -> int:
             rep = store.load_version(client, ns, version, sid_map, item_ids, cards, activate=args.activate,
                                      force=args.force)
             print(json.dumps(rep.to_dict()))
+        elif args.index_command == "replicas":
+            from sidrec.service.replicas import list_replicas, serving_versions
+
+            print(json.dumps({"namespace": ns, "replicas": list_replicas(client, ns),
+                              "versions": serving_versions(client, ns)}, indent=2))
         elif args.index_command == "list":
             print(json.dumps(store.list_versions(client, ns), indent=2))
         elif args.index_command == "activate":

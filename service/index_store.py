@@ -171,11 +171,19 @@ def list_versions(client, namespace: str) -> list[dict]:
 
 
 def drop_version(client, namespace: str, version: str, force: bool = False, batch: int = 1000) -> int:
-    """Delete one version's keys (UNLINK, in batches). Refuses the current version unless force."""
+    """Delete one version's keys (UNLINK, in batches). Refuses, unless force, the current version
+    and any version a live replica still serves (service.replicas)."""
+    from sidrec.service.replicas import serving_versions
+
     k = keys(namespace, version)
     if _decode(client.get(k["current"])) == version and not force:
         raise IndexStoreError(f"version {version} is the current one in namespace '{namespace}'; "
                               "activate another first or pass --force")
+    users = serving_versions(client, namespace).get(version)
+    if users and not force:
+        raise IndexStoreError(f"version {version} is still served by {len(users)} replica(s): "
+                              f"{', '.join(users[:5])}{' ...' if len(users) > 5 else ''}; roll them to another "
+                              "version first (sidrec index replicas lists them) or pass --force")
     n = _unlink_matching(client, k["pattern"], batch)
     client.srem(k["versions"], version)
     for pointer in ("current", "previous"):

@@ -40,6 +40,7 @@ class ServiceRuntime:
         self.warmed = False
         self.ready = False
         self._mask_task: asyncio.Task | None = None
+        self._registry_task: asyncio.Task | None = None  # this replica's record in Redis (service.replicas)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -67,6 +68,12 @@ class ServiceRuntime:
             await self.batcher.run_exclusive(self._warm)
         self.warmed = True
         self.ready = True
+        if isinstance(self.index, RedisInverseIndex):
+            from sidrec.service.replicas import announce_forever
+
+            self._registry_task = asyncio.create_task(
+                announce_forever(self.index.client, s.redis_namespace, lambda: self.engine.version),
+                name="sidrec-replica-registry")
         log.info("sidrec ready: bundle %s version %s, %d items, index %s, batching %s",
                  s.bundle_path, self.engine.version, self.engine.num_items, self.index.backend, s.batching)
 
@@ -118,9 +125,10 @@ class ServiceRuntime:
 
     async def stop(self) -> None:
         self.ready = False
-        if self._mask_task is not None:
-            self._mask_task.cancel()
-            await asyncio.gather(self._mask_task, return_exceptions=True)
+        for task in (self._mask_task, self._registry_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.batcher is not None:
             await self.batcher.stop()
         if self.index is not None:
