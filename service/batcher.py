@@ -14,9 +14,26 @@ Inside a group, recommendations are sorted by beam width and cut into engine cal
 request's list is cut to its own top_n; each request keeps its own beam width). Scoring jobs are
 grouped separately. With batching off each job runs alone, still through the same thread.
 
-A full queue raises `QueueFull` (-> 429 + Retry-After); a request past its deadline raises
-`DeadlineExceeded` (-> 504) and is skipped if not yet started. This module imports no web
-framework; `service.app` maps its exceptions to HTTP.
+Admission counts work, not jobs. A job weighs `job_work`: the sum over its users of
+max(beam_width, MIN_USER_WORK) for recommendations, of max(candidates, MIN_USER_WORK) for
+scoring. Beams are the unit because the decoder's cost is beams x L steps (L is the same for
+every request of a model, so it drops out) and the trie, top-K and KV cache all scale with beams;
+a scored candidate is one teacher-forced beam over the same L steps. MIN_USER_WORK (16) is the
+floor per user: the encoder pass, history encoding and per-request bookkeeping cost about what 16
+beams do, so a flood of beam-1 requests is not admitted as if free. This is an estimate, not a
+calibrated model; its error only moves where the 429s start. The queue admits a job while the
+work waiting stays within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier
+than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
+only into an empty queue, so it runs, alone, and small requests wait behind one such job at most.
+A refused job raises `QueueFull` (-> 429) with Retry-After = (work queued + in flight) / the
+engine's measured rate in work units per second.
+
+A request past its deadline raises `DeadlineExceeded` (-> 504) and is skipped if not yet started.
+When an engine call raises, only the request that caused it fails: the call's jobs are split in
+halves and retried until the offending job stands alone (log2(jobs) extra calls), and the others
+get their answers. An unavailable engine (`EngineUnavailable`: hung, dead, restarting) is nobody's
+fault and fails the whole call at once, without retries. This module imports no web framework;
+`service.runtime` maps its exceptions to HTTP.
 """
 from __future__ import annotations
 
@@ -28,15 +45,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from sidrec.service.engine_proc import EngineUnavailable
 from sidrec.service.metrics import ServiceMetrics
 
 log = logging.getLogger("sidrec.batcher")
 
+MIN_USER_WORK = 16  # work units one user costs at least (see the module docstring)
+
 
 class QueueFull(RuntimeError):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__("the request queue is full")
+    def __init__(self, retry_after_s: int, reason: str = "the request queue is full") -> None:
+        super().__init__(reason)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class DeadlineExceeded(RuntimeError):
@@ -76,33 +97,50 @@ class Job:
     enqueued: float
     deadline: float
     results: list[Any] = field(default_factory=list)
-    waiting: bool = True  # counted against max_queue_size (queued, not yet taken or abandoned)
+    waiting: bool = True  # counted against the queue bounds (queued, not yet taken or abandoned)
+    work: int = 0
+    failed: bool = False  # an engine call raised on it (worker thread); its other entries are skipped
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.entries)
+        self.work = job_work(self.kind, self.entries)
+
+
+def job_work(kind: str, entries: Sequence[Any]) -> int:
+    """A job's weight in the admission budget (module docstring: beams, with a per-user floor)."""
+    if kind == "recommend":
+        return sum(max(e.beam_width, MIN_USER_WORK) for e in entries)
+    return sum(max(len(e.candidates), MIN_USER_WORK) for e in entries)
 
 
 class DynamicBatcher:
     def __init__(self, engine: Any, *, batching: bool = True, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 2.0, max_batch_beams: int = 16_384, max_queue_size: int = 256,
-                 request_timeout_s: float = 30.0, metrics: ServiceMetrics | None = None) -> None:
+                 max_queue_work: int | None = None, request_timeout_s: float = 30.0,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
         self.batching = batching
         self.max_batch_size = max_batch_size
         self.delay_s = max_queue_delay_ms / 1000.0
         self.max_batch_beams = max_batch_beams
         self.max_queue_size = max_queue_size
+        # None: as much work as max_queue_size requests at the default beam width (100).
+        self.max_queue_work = max_queue_work if max_queue_work is not None else max_queue_size * 100
+        if self.max_queue_work < 1:
+            raise ValueError(f"max_queue_work must be >= 1, got {self.max_queue_work}")
         self.timeout_s = request_timeout_s
         self.metrics = metrics
-        # Unbounded: admission is decided by `_waiting`, the number of queued jobs still wanted.
-        # A job abandoned in the queue (deadline passed, client gone) stops counting at once, so
-        # it cannot keep a slot and turn the next request away with a 429.
+        # Unbounded: admission is decided by `_waiting` / `_waiting_work`, the queued jobs still
+        # wanted and their work. A job abandoned in the queue (deadline passed, client gone)
+        # stops counting at once, so it cannot keep a slot and turn the next request away with a 429.
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0
+        self._waiting_work = 0
+        self._running_work = 0  # work of the group on the engine thread now
+        self._unit_s = 1e-4  # EWMA of engine seconds per work unit, for Retry-After
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._entry_s = 0.01  # EWMA of engine seconds per request, for Retry-After
         self._last_arrival = 0.0
         self._gap_s = 1.0  # EWMA of the time between arrivals
 
@@ -110,15 +148,16 @@ class DynamicBatcher:
     def from_settings(cls, engine: Any, settings: Any, metrics: ServiceMetrics | None = None) -> "DynamicBatcher":
         return cls(engine, batching=settings.batching, max_batch_size=settings.max_batch_size,
                    max_queue_delay_ms=settings.max_queue_delay_ms, max_batch_beams=settings.max_batch_beams,
-                   max_queue_size=settings.max_queue_size, request_timeout_s=settings.request_timeout_s,
-                   metrics=metrics)
+                   max_queue_size=settings.max_queue_size,
+                   max_queue_work=settings.max_queue_work or settings.max_queue_size * settings.default_beam_width,
+                   request_timeout_s=settings.request_timeout_s, metrics=metrics)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._waiting = 0
+        self._waiting = self._waiting_work = self._running_work = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidrec-engine")
         self._task = asyncio.create_task(self._collect(), name="sidrec-batcher")
 
@@ -155,19 +194,31 @@ class DynamicBatcher:
         return await self._submit("score", list(entries))
 
     def retry_after_s(self) -> int:
-        return max(1, math.ceil(self._waiting * self._entry_s))
+        """Seconds until the work queued now (and the group running) is done, at the measured rate."""
+        return max(1, math.ceil((self._waiting_work + self._running_work) * self._unit_s))
+
+    def _admit(self, job: Job) -> str | None:
+        """None if the job may queue, else why not."""
+        if self._waiting >= self.max_queue_size:
+            return f"the request queue is full ({self._waiting} requests waiting)"
+        if self._waiting_work and self._waiting_work + job.work > self.max_queue_work:
+            return (f"the queued work is at capacity ({self._waiting_work} of {self.max_queue_work} beam units "
+                    f"waiting; this request weighs {job.work})")
+        return None
 
     async def _submit(self, kind: str, entries: list[Any]) -> list[Any]:
         if self._queue is None or self._task is None:
             raise BatcherClosed("the batcher is not running")
         now = time.monotonic()
         job = Job(kind, entries, asyncio.get_running_loop().create_future(), now, now + self.timeout_s)
-        if self._waiting >= self.max_queue_size:
+        refused = self._admit(job)
+        if refused is not None:
             if self.metrics is not None:
                 self.metrics.rejected.labels("queue_full").inc()
-            raise QueueFull(self.retry_after_s())
+            raise QueueFull(self.retry_after_s(), refused)
         self._queue.put_nowait(job)
         self._waiting += 1
+        self._waiting_work += job.work
         self._gap_s = 0.5 * self._gap_s + 0.5 * min(now - self._last_arrival, 1.0)
         self._last_arrival = now
         self._gauge()
@@ -189,11 +240,13 @@ class DynamicBatcher:
         if job.waiting:
             job.waiting = False
             self._waiting -= 1
+            self._waiting_work -= job.work
             self._gauge()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._waiting)
+            self.metrics.queue_work.set(self._waiting_work)
 
     # --- collector (event loop) ---------------------------------------------------------------
 
@@ -233,10 +286,13 @@ class DynamicBatcher:
             live = [j for j in group if not j.future.done()]
             if not live:
                 continue
+            self._running_work = sum(j.work for j in live)
             try:
                 await loop.run_in_executor(self._executor, self._run_group, live)
             except Exception:  # the worker reports per job; this guards the loop itself
                 log.exception("batcher group failed")
+            finally:
+                self._running_work = 0
 
     # --- worker thread ------------------------------------------------------------------------
 
@@ -261,16 +317,16 @@ class DynamicBatcher:
         for unit in units:
             for kind, run in (("recommend", self._run_recommend), ("score", self._run_score)):
                 items = [(j, i, e) for j in unit if j.kind == kind and not j.future.done() and j.deadline > now
-                         for i, e in enumerate(j.entries)]
+                         and not j.failed for i, e in enumerate(j.entries)]
                 if items:
                     run(items)
             now = time.monotonic()
         for j in jobs:
-            if all(r is not None for r in j.results):
+            if not j.failed and all(r is not None for r in j.results):
                 self._deliver(j)
-        n = sum(len(j.entries) for j in jobs)
-        if n:
-            self._entry_s = 0.8 * self._entry_s + 0.2 * (time.monotonic() - start) / n
+        work = sum(j.work for j in jobs)
+        if work:
+            self._unit_s = 0.8 * self._unit_s + 0.2 * (time.monotonic() - start) / work
 
     def _chunks_recommend(self, items: list[tuple[Job, int, RecommendEntry]]) -> list[list]:
         items = sorted(items, key=lambda t: t[2].beam_width)
@@ -295,25 +351,49 @@ class DynamicBatcher:
             self.metrics.batch_size.labels(kind).observe(size)
             self.metrics.engine_time.labels(kind).observe(seconds)
 
+    def _isolate(self, kind: str, chunk: list, call: Callable[[list], Any], store: Callable[[list, Any], None]) -> None:
+        """Run one engine call on `chunk` ((job, index, entry) triples). If it raises, retry the
+        chunk's jobs in halves until the offending job stands alone; only that job fails. An
+        unavailable engine fails every job at once (retrying cannot help, and it is no job's fault)."""
+        t0 = time.monotonic()
+        try:
+            out = call([e for _, _, e in chunk])
+        except EngineUnavailable as exc:
+            for j in {id(j): j for j, _, _ in chunk}.values():
+                j.failed = True
+                self._deliver(j, exc)
+            return
+        except Exception as exc:
+            jobs = list({id(j): j for j, _, _ in chunk}.values())
+            if len(jobs) == 1:
+                log.warning("engine.%s failed on one request (%d users): %s: %s", kind, len(chunk),
+                            type(exc).__name__, exc)
+                jobs[0].failed = True
+                self._deliver(jobs[0], exc)
+                return
+            log.warning("engine.%s failed on a call of %d requests; retrying in halves to find the cause",
+                        kind, len(jobs))
+            first = {id(j) for j in jobs[: len(jobs) // 2]}
+            self._isolate(kind, [t for t in chunk if id(t[0]) in first], call, store)
+            self._isolate(kind, [t for t in chunk if id(t[0]) not in first], call, store)
+            return
+        self._observe_call(kind, len(chunk), time.monotonic() - t0)
+        store(chunk, out)
+
     def _run_recommend(self, items: list[tuple[Job, int, RecommendEntry]]) -> None:
-        for chunk in self._chunks_recommend(items):
-            entries = [e for _, _, e in chunk]
-            top = max(e.top_n for e in entries)
-            t0 = time.monotonic()
-            try:
-                res = self.engine.recommend([e.history for e in entries], [e.beam_width for e in entries], top,
-                                            exclude=[e.exclude for e in entries])
-            except Exception as exc:
-                log.exception("engine.recommend failed on a batch of %d", len(entries))
-                for j in {id(j): j for j, _, _ in chunk}.values():
-                    self._deliver(j, exc)
-                continue
-            self._observe_call("recommend", len(entries), time.monotonic() - t0)
+        def call(entries: list[RecommendEntry]) -> Any:
+            return self.engine.recommend([e.history for e in entries], [e.beam_width for e in entries],
+                                         max(e.top_n for e in entries), exclude=[e.exclude for e in entries])
+
+        def store(chunk: list, res: Any) -> None:
             items_l, sids_l, scores_l, n_valid = (res.items.tolist(), res.sids.tolist(), res.scores.tolist(),
                                                   res.n_valid.tolist())
             for b, (job, i, e) in enumerate(chunk):
                 k = min(e.top_n, int(n_valid[b]))
                 job.results[i] = RecommendOutput(items_l[b][:k], sids_l[b][:k], scores_l[b][:k])
+
+        for chunk in self._chunks_recommend(items):
+            self._isolate("recommend", chunk, call, store)
 
     def _run_score(self, items: list[tuple[Job, int, ScoreEntry]]) -> None:
         chunks, cur = [], []
@@ -326,16 +406,14 @@ class DynamicBatcher:
             cur.append(it)
         if cur:
             chunks.append(cur)
-        for chunk in chunks:
-            t0 = time.monotonic()
-            try:
-                out = self.engine.score([e.history for _, _, e in chunk], [e.candidates for _, _, e in chunk])
-            except Exception as exc:
-                log.exception("engine.score failed on a batch of %d", len(chunk))
-                for j in {id(j): j for j, _, _ in chunk}.values():
-                    self._deliver(j, exc)
-                continue
-            self._observe_call("score", len(chunk), time.monotonic() - t0)
+
+        def call(entries: list[ScoreEntry]) -> Any:
+            return self.engine.score([e.history for e in entries], [e.candidates for e in entries])
+
+        def store(chunk: list, out: Any) -> None:
             rows = out.tolist()
             for b, (job, i, e) in enumerate(chunk):
                 job.results[i] = rows[b][: len(e.candidates)]
+
+        for chunk in chunks:
+            self._isolate("score", chunk, call, store)
