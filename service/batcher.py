@@ -24,8 +24,11 @@ beams do, so a flood of beam-1 requests is not admitted as if free. This is an e
 calibrated model; its error only moves where the 429s start. The queue admits a job while the
 work waiting stays within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier
 than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
-only into an empty queue, so it runs, alone, and small requests wait behind one such job at most.
-A refused job raises `QueueFull` (-> 429) with Retry-After = (work queued + in flight) / the
+only into an empty queue. Nor does a heavy job hold the engine: each round (one trip of the
+worker thread) runs at most `max_group_work` units, fresh jobs first, and a job with more work
+than fits runs in slices over successive rounds (at least one user per round), interleaved with
+the requests that arrive meanwhile; so a batch-scoring job slows interactive requests by about one
+slice, not by its whole length. A refused job raises `QueueFull` (-> 429) with Retry-After = (work queued + in flight) / the
 engine's measured rate in work units per second.
 
 A request past its deadline raises `DeadlineExceeded` (-> 504) and is skipped if not yet started.
@@ -98,26 +101,36 @@ class Job:
     deadline: float
     results: list[Any] = field(default_factory=list)
     waiting: bool = True  # counted against the queue bounds (queued, not yet taken or abandoned)
+    weights: list[int] = field(default_factory=list)  # work of each entry
     work: int = 0
+    cursor: int = 0  # entries [0, cursor) have been run (heavy jobs run in slices)
     failed: bool = False  # an engine call raised on it (worker thread); its other entries are skipped
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.entries)
-        self.work = job_work(self.kind, self.entries)
+        self.weights = [entry_work(self.kind, e) for e in self.entries]
+        self.work = sum(self.weights)
+
+    @property
+    def work_left(self) -> int:
+        return sum(self.weights[self.cursor:])
+
+
+def entry_work(kind: str, entry: Any) -> int:
+    """One user's weight (module docstring: beams or candidates, at least MIN_USER_WORK)."""
+    return max(entry.beam_width if kind == "recommend" else len(entry.candidates), MIN_USER_WORK)
 
 
 def job_work(kind: str, entries: Sequence[Any]) -> int:
-    """A job's weight in the admission budget (module docstring: beams, with a per-user floor)."""
-    if kind == "recommend":
-        return sum(max(e.beam_width, MIN_USER_WORK) for e in entries)
-    return sum(max(len(e.candidates), MIN_USER_WORK) for e in entries)
+    """A job's weight in the admission budget."""
+    return sum(entry_work(kind, e) for e in entries)
 
 
 class DynamicBatcher:
     def __init__(self, engine: Any, *, batching: bool = True, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 2.0, max_batch_beams: int = 16_384, max_queue_size: int = 256,
-                 max_queue_work: int | None = None, request_timeout_s: float = 30.0,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 max_queue_work: int | None = None, max_group_work: int | None = None,
+                 request_timeout_s: float = 30.0, metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
         self.batching = batching
         self.max_batch_size = max_batch_size
@@ -126,8 +139,11 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         # None: as much work as max_queue_size requests at the default beam width (100).
         self.max_queue_work = max_queue_work if max_queue_work is not None else max_queue_size * 100
-        if self.max_queue_work < 1:
-            raise ValueError(f"max_queue_work must be >= 1, got {self.max_queue_work}")
+        # None: a full batch at the default beam width; a round always runs >= 1 user per job.
+        self.max_group_work = max_group_work if max_group_work is not None else max_batch_size * 100
+        if min(self.max_queue_work, self.max_group_work) < 1:
+            raise ValueError(f"max_queue_work and max_group_work must be >= 1, got {self.max_queue_work}, "
+                             f"{self.max_group_work}")
         self.timeout_s = request_timeout_s
         self.metrics = metrics
         # Unbounded: admission is decided by `_waiting` / `_waiting_work`, the queued jobs still
@@ -136,7 +152,8 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0
         self._waiting_work = 0
-        self._running_work = 0  # work of the group on the engine thread now
+        self._running_work = 0  # work left in the jobs taken from the queue (this round and carried)
+        self._carry: list[Job] = []  # jobs with entries left after a round: first in the next one
         self._unit_s = 1e-4  # EWMA of engine seconds per work unit, for Retry-After
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -150,6 +167,7 @@ class DynamicBatcher:
                    max_queue_delay_ms=settings.max_queue_delay_ms, max_batch_beams=settings.max_batch_beams,
                    max_queue_size=settings.max_queue_size,
                    max_queue_work=settings.max_queue_work or settings.max_queue_size * settings.default_beam_width,
+                   max_group_work=max(settings.max_batch_size * settings.default_beam_width, settings.max_beam_width),
                    request_timeout_s=settings.request_timeout_s, metrics=metrics)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -168,8 +186,10 @@ class DynamicBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        left, self._carry = self._carry, []
         while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
+            left.append(self._queue.get_nowait())
+        for job in left:
             if not job.future.done():
                 job.future.set_exception(BatcherClosed("the service is shutting down"))
         if self._executor is not None:
@@ -254,9 +274,16 @@ class DynamicBatcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._queue.get()
-            self._unqueue(job)
-            group, n = [job], len(job.entries)
+            group, self._carry = self._carry, []  # slices of heavy jobs: they go first
+            job: Job | None = None
+            if not group:
+                job = await self._queue.get()
+            elif not self._queue.empty():
+                job = self._queue.get_nowait()
+            if job is not None:
+                self._unqueue(job)
+                group.append(job)
+            n = sum(1 if j.cursor else len(j.entries) for j in group)  # a carried job may get only 1
             if self.batching:
                 # Waiting for company only pays when requests arrive closer together than the
                 # delay; a lone client (gaps of a whole decode) would just lose the delay.
@@ -286,13 +313,13 @@ class DynamicBatcher:
             live = [j for j in group if not j.future.done()]
             if not live:
                 continue
-            self._running_work = sum(j.work for j in live)
+            self._running_work = sum(j.work_left for j in live)
             try:
-                await loop.run_in_executor(self._executor, self._run_group, live)
+                self._carry = await loop.run_in_executor(self._executor, self._run_group, live)
             except Exception:  # the worker reports per job; this guards the loop itself
                 log.exception("batcher group failed")
             finally:
-                self._running_work = 0
+                self._running_work = sum(j.work_left for j in self._carry)
 
     # --- worker thread ------------------------------------------------------------------------
 
@@ -307,26 +334,47 @@ class DynamicBatcher:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(settle)
 
-    def _run_group(self, jobs: list[Job]) -> None:
+    def _slices(self, jobs: list[Job]) -> dict[int, tuple[int, int]]:
+        """This round's entries [lo, hi) of each job: fresh jobs first, then carried ones, within
+        max_group_work, and at least one entry per job so every job moves."""
+        budget, out = self.max_group_work, {}
+        for j in sorted(jobs, key=lambda j: j.cursor > 0):  # stable: arrival order within each
+            lo = hi = j.cursor
+            while hi < len(j.entries) and (hi == lo or j.weights[hi] <= budget):
+                budget -= j.weights[hi]
+                hi += 1
+            out[id(j)] = (lo, hi)
+        return out
+
+    def _run_group(self, jobs: list[Job]) -> list[Job]:
+        """One round: each job's next slice. Returns the jobs with entries left, for the next round."""
         start = time.monotonic()
         now = start
         for j in jobs:
-            if self.metrics is not None:
+            if self.metrics is not None and j.cursor == 0:
                 self.metrics.queue_time.observe(start - j.enqueued)
+        slices = self._slices(jobs)
         units = [jobs] if self.batching else [[j] for j in jobs]
         for unit in units:
             for kind, run in (("recommend", self._run_recommend), ("score", self._run_score)):
-                items = [(j, i, e) for j in unit if j.kind == kind and not j.future.done() and j.deadline > now
-                         and not j.failed for i, e in enumerate(j.entries)]
+                items = [(j, i, j.entries[i]) for j in unit if j.kind == kind and not j.future.done()
+                         and j.deadline > now and not j.failed for i in range(*slices[id(j)])]
                 if items:
                     run(items)
             now = time.monotonic()
+        work, left = 0, []
         for j in jobs:
-            if not j.failed and all(r is not None for r in j.results):
+            lo, j.cursor = slices[id(j)]
+            work += sum(j.weights[lo:j.cursor])
+            if j.failed or j.future.done():
+                continue
+            if j.cursor < len(j.entries):
+                left.append(j)
+            elif all(r is not None for r in j.results):
                 self._deliver(j)
-        work = sum(j.work for j in jobs)
         if work:
             self._unit_s = 0.8 * self._unit_s + 0.2 * (time.monotonic() - start) / work
+        return left
 
     def _chunks_recommend(self, items: list[tuple[Job, int, RecommendEntry]]) -> list[list]:
         items = sorted(items, key=lambda t: t[2].beam_width)

@@ -269,6 +269,40 @@ def test_retry_after_follows_queued_work_and_measured_rate():
     assert refused.retry_after_s >= 2  # 8,000 units at <= 2,000 units/s
 
 
+def test_heavy_job_runs_in_slices_interleaved_with_light_requests():
+    class RecordingEngine:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def recommend(self, histories, beam_width, top_n, exclude=None):
+            self.calls.append([h[0] for h in histories])
+            time.sleep(0.02)
+            n = len(histories)
+            return BeamResult(torch.zeros(n, top_n, dtype=torch.long), torch.zeros(n, top_n, 4, dtype=torch.long),
+                              torch.zeros(n, top_n), torch.full((n,), top_n))
+
+    async def scenario():
+        eng = RecordingEngine()
+        b = DynamicBatcher(eng, max_batch_size=4, max_group_work=200, max_queue_delay_ms=0.0)
+        b.start()
+        heavy = asyncio.ensure_future(b.recommend([RecommendEntry([100 + i], 100, 2) for i in range(10)]))
+        await asyncio.sleep(0.03)  # the first slice is on the engine
+        light = await b.recommend([RecommendEntry([1], 4, 2)])
+        heavy_done_first = heavy.done()
+        out = await heavy
+        await b.stop()
+        return eng.calls, light, out, heavy_done_first
+
+    calls, light, out, heavy_done_first = run(scenario())
+    assert not heavy_done_first, "the light request must not wait for the whole heavy job"
+    assert len(light) == 1 and len(out) == 10 and all(o is not None for o in out)
+    heavy_calls = [c for c in calls if c != [1]]
+    assert [x for c in heavy_calls for x in c if x != 1] == list(range(100, 110))  # every user once, in order
+    assert max(len([x for x in c if x != 1]) for c in calls) <= 2  # 200 units per round = 2 users
+    first_light = next(n for n, c in enumerate(calls) if 1 in c)
+    assert 0 < first_light < len(calls) - 1, calls
+
+
 # --- an engine error fails only its own request -----------------------------------------------------
 
 
