@@ -149,7 +149,7 @@ def metric_values(url: str, names: tuple[str, ...]) -> dict[str, float]:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
         for s in fam.samples:
-            if s.name.startswith(names) and not s.name.endswith("_created"):
+            if s.name.startswith(names) and not s.name.endswith(("_created", "_bucket")):
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
