@@ -34,23 +34,23 @@ from drill_common import ROOT, Server, build_bundle, metric_values, percentile, 
 import httpx  # noqa: E402
 
 
-async def client(url: str, n_items: int, beam: int, stop: asyncio.Event, log: list, seed: int) -> None:
+async def client(c: httpx.AsyncClient, n_items: int, beam: int, stop: asyncio.Event, log: list, seed: int) -> None:
     rnd = random.Random(seed)
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        while not stop.is_set():
-            body = {"history": [f"item{rnd.randrange(n_items)}" for _ in range(rnd.randint(1, 15))], "top_n": 10,
-                    "beam_width": beam}
-            t0 = time.monotonic()
-            try:
-                r = await c.post("/v1/recommend", json=body)
-                status = r.status_code
-                code = r.json().get("error", {}).get("code") if status != 200 else None
-                retry = r.headers.get("retry-after")
-            except httpx.HTTPError as e:
-                status, code, retry = 0, type(e).__name__, None
-            log.append((t0, time.monotonic(), status, code, retry))
-            if status != 200:
-                await asyncio.sleep(min(float(retry or 1), 1.0))
+    # c: one AsyncClient shared by every task (drill_overload.phase says why)
+    while not stop.is_set():
+        body = {"history": [f"item{rnd.randrange(n_items)}" for _ in range(rnd.randint(1, 15))], "top_n": 10,
+                "beam_width": beam}
+        t0 = time.monotonic()
+        try:
+            r = await c.post("/v1/recommend", json=body)
+            status = r.status_code
+            code = r.json().get("error", {}).get("code") if status != 200 else None
+            retry = r.headers.get("retry-after")
+        except httpx.HTTPError as e:
+            status, code, retry = 0, type(e).__name__, None
+        log.append((t0, time.monotonic(), status, code, retry))
+        if status != 200:
+            await asyncio.sleep(min(float(retry or 1), 1.0))
 
 
 async def monitor(url: str, stop: asyncio.Event, log: list) -> None:
@@ -90,7 +90,9 @@ async def drill(a: argparse.Namespace, srv: Server) -> dict:
     stop = asyncio.Event()
     reqs: list = []
     health: list = []
-    tasks = [asyncio.ensure_future(client(srv.url, a.items, a.beam_width, stop, reqs, s)) for s in range(a.clients)]
+    limits = httpx.Limits(max_connections=a.clients, max_keepalive_connections=a.clients)
+    shared = httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits)
+    tasks = [asyncio.ensure_future(client(shared, a.items, a.beam_width, stop, reqs, s)) for s in range(a.clients)]
     tasks.append(asyncio.ensure_future(monitor(srv.url, stop, health)))
     events = {}
     try:
@@ -118,6 +120,7 @@ async def drill(a: argparse.Namespace, srv: Server) -> dict:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await shared.aclose()
     hang = fault_window(health, events["sigstop"]["t"])
     crash = fault_window(health, events["sigkill"]["t"])
     return {"events": events, "hang": hang, "crash": crash, "requests": reqs, "health": health}

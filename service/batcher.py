@@ -214,8 +214,10 @@ class DynamicBatcher:
         return await self._submit("score", list(entries))
 
     def retry_after_s(self) -> int:
-        """Seconds until the work queued now (and the group running) is done, at the measured rate."""
-        return max(1, math.ceil((self._waiting_work + self._running_work) * self._unit_s))
+        """Seconds until the work queued now and the round running are done, at the measured rate
+        (a heavy job's later slices do not hold new requests back: rounds take fresh jobs first)."""
+        ahead = self._waiting_work + min(self._running_work, self.max_group_work)
+        return max(1, math.ceil(ahead * self._unit_s))
 
     def _admit(self, job: Job) -> str | None:
         """None if the job may queue, else why not."""

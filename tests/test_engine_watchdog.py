@@ -243,7 +243,7 @@ def test_retry_after_follows_queued_work_and_measured_rate():
     async def scenario():
         # One job per engine call, so the collector holds one job and three wait in the queue.
         b = DynamicBatcher(SlowEngine(), max_queue_size=100, max_queue_work=8_000, max_queue_delay_ms=0.0,
-                           max_batch_size=1)
+                           max_batch_size=1, max_group_work=2_000)
         b.start()
         await b.recommend([RecommendEntry([1], 100, 2)])  # 0.05 s for 100 units: rate ~2,000 units/s
         await b.recommend([RecommendEntry([1], 100, 2)])
