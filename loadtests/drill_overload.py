@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     n_clients = 4 * admits
     env = {"SIDREC_MAX_BATCH_SIZE": str(a.batch), "SIDREC_MAX_QUEUE_SIZE": str(a.queue),
            "SIDREC_REQUEST_TIMEOUT_S": "60"}
-    names = ("sidrec_batch_size", "sidrec_rejected", "sidrec_queue", "sidrec_engine_faults", "sidrec_requests_total")
+    names = ("sidrec_batch_size", "sidrec_rejected", "sidrec_queue", "sidrec_engine", "sidrec_requests_total")
     with Server(bundle, out.with_suffix(".server.log"), env) as srv:
         m0 = metric_values(srv.url, names)
         base = asyncio.run(phase(srv.url, a, a.batch, 0, a.base_s))

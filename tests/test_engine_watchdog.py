@@ -121,6 +121,45 @@ def test_engine_faults_are_found_answered_503_and_restarted(bundle_dir):
     assert run(scenario()) == {"hung": 2.0, "dead": 1.0}
 
 
+@pytest.mark.slow
+def test_liveness_fails_only_while_restarts_keep_failing(bundle_dir, tmp_path):
+    """The bundle vanishes, then the engine dies: the restart fails, /healthz turns 503 (after
+    engine_max_restart_failures=1 failure); the bundle comes back, the next try (1 s backoff)
+    succeeds and both probes return to 200."""
+    import shutil
+
+    live = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, live)
+    s = settings_for(live, engine_process=True, engine_ping_interval_s=0.2, engine_max_restart_failures=1,
+                     warmup=False)
+
+    async def until(c, path: str, status: int, limit_s: float = 60.0) -> None:
+        end = time.monotonic() + limit_s
+        while (await c.get(path)).status_code != status:
+            assert time.monotonic() < end, f"{path} never answered {status}"
+            await asyncio.sleep(0.1)
+
+    async def scenario():
+        async with running_app(s) as (app, c):
+            metrics = app.state.metrics
+            live.rename(tmp_path / "gone")
+            os.kill(app.state.runtime.engine.pid, signal.SIGKILL)
+            await until(c, "/healthz", 503)
+            health = (await c.get("/healthz")).json()
+            ready = await c.get("/readyz")
+            failed = metrics.value("sidrec_engine_restarts_total", {"outcome": "failed"})
+            (tmp_path / "gone").rename(live)
+            await until(c, "/healthz", 200)
+            await until(c, "/readyz", 200)
+            r = await c.post("/v1/recommend", json=_req(HISTORIES[0]))
+            return health, ready, failed, r, metrics.value("sidrec_engine_restarts_total", {"outcome": "ok"})
+
+    health, ready, failed, r, ok = run(scenario())
+    assert health["error"]["code"] == "engine_unavailable" and ready.status_code == 503
+    assert failed >= 1 and ok == 1
+    assert r.status_code == 200, r.text
+
+
 # --- the pipe protocol ------------------------------------------------------------------------------
 
 
