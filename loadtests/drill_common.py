@@ -142,14 +142,17 @@ class Server:
                 self.peak_rss_mb[k] = max(self.peak_rss_mb[k], round(v, 1))
 
 
-def metric_values(url: str, names: tuple[str, ...]) -> dict[str, float]:
-    """Prometheus samples whose name starts with one of `names`, keyed `name{labels}`."""
+def metric_values(url: str, names: tuple[str, ...], buckets: tuple[str, ...] = ()) -> dict[str, float]:
+    """Prometheus samples whose name starts with one of `names`, keyed `name{labels}`; histogram
+    buckets only for the names in `buckets`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=5).text):
         for s in fam.samples:
-            if s.name.startswith(names) and not s.name.endswith(("_created", "_bucket")):
+            if s.name.endswith("_bucket") and not s.name.startswith(buckets):
+                continue
+            if s.name.startswith(names) and not s.name.endswith("_created"):
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
@@ -169,3 +172,20 @@ def write_json(path: Path, obj: dict) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
     return path
+
+
+def histogram_quantile(before: dict, after: dict, name: str, labels: dict[str, str], q: float) -> float | None:
+    """The upper bound of the bucket holding quantile q of a histogram's observations between two
+    scrapes (as Prometheus' histogram_quantile, without interpolation: coarse, never optimistic)."""
+    rows = []
+    for key, v in after.items():
+        if not key.startswith(name + "_bucket{"):
+            continue
+        lab = dict(kv.split("=", 1) for kv in key[len(name) + 8:-1].split(","))
+        if all(lab.get(k) == v_ for k, v_ in labels.items()):
+            rows.append((float(lab["le"]), v - before.get(key, 0.0)))
+    rows.sort()
+    if not rows or rows[-1][1] <= 0:
+        return None
+    total = rows[-1][1]
+    return next(le for le, c in rows if c >= q / 100 * total)

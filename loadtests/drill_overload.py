@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -28,7 +29,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from drill_common import ROOT, Server, build_bundle, metric_values, percentile, write_json  # noqa: E402
+from drill_common import (ROOT, Server, build_bundle, histogram_quantile, metric_values, percentile,  # noqa: E402
+                          write_json)
 
 import httpx  # noqa: E402
 
@@ -79,10 +81,22 @@ async def phase(url: str, a: argparse.Namespace, n_light: int, n_heavy: int, sec
     return log
 
 
-def batch_mean(before: dict, after: dict) -> float | None:
-    k_sum, k_n = "sidrec_batch_size_sum{kind=recommend}", "sidrec_batch_size_count{kind=recommend}"
+def mean_of(before: dict, after: dict, name: str, labels: str = "", scale: float = 1.0) -> float | None:
+    """Mean of a Prometheus histogram over one phase (the difference of its _sum and _count)."""
+    k_sum, k_n = f"{name}_sum{labels}", f"{name}_count{labels}"
     n = after.get(k_n, 0) - before.get(k_n, 0)
-    return round((after.get(k_sum, 0) - before.get(k_sum, 0)) / n, 2) if n else None
+    return round(scale * (after.get(k_sum, 0) - before.get(k_sum, 0)) / n, 2) if n else None
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Where the time went, as the server saw it (the driver shares the CPU and adds its own)."""
+    p99 = histogram_quantile(before, after, "sidrec_request_latency_seconds", {"endpoint": "/v1/recommend"}, 99)
+    return {"mean_batch": mean_of(before, after, "sidrec_batch_size", "{kind=recommend}"),
+            "server_p99_ms_bucket": None if p99 is None else 1000 * p99,
+            "server_latency_mean_ms": mean_of(before, after, "sidrec_request_latency_seconds",
+                                              "{endpoint=/v1/recommend}", 1000),
+            "queue_time_mean_ms": mean_of(before, after, "sidrec_queue_time_seconds", "", 1000),
+            "engine_call_mean_ms": mean_of(before, after, "sidrec_engine_call_seconds", "{kind=recommend}", 1000)}
 
 
 def summary(log: list, kind: str, ramp_s: float = 0.0) -> dict:
@@ -119,26 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     n_clients = 4 * admits
     env = {"SIDREC_MAX_BATCH_SIZE": str(a.batch), "SIDREC_MAX_QUEUE_SIZE": str(a.queue),
            "SIDREC_REQUEST_TIMEOUT_S": "60"}
-    names = ("sidrec_batch_size", "sidrec_rejected", "sidrec_queue", "sidrec_engine", "sidrec_requests_total")
+    names = ("sidrec_batch_size", "sidrec_rejected", "sidrec_queue", "sidrec_engine", "sidrec_requests_total",
+             "sidrec_request_latency")
     with Server(bundle, out.with_suffix(".server.log"), env) as srv:
-        m0 = metric_values(srv.url, names)
+        lat = ("sidrec_request_latency",)
+        m0 = metric_values(srv.url, names, lat)
         base = asyncio.run(phase(srv.url, a, a.batch, 0, a.base_s))
-        m1 = metric_values(srv.url, names)
+        m1 = metric_values(srv.url, names, lat)
         load = asyncio.run(phase(srv.url, a, n_clients - a.heavy, a.heavy, a.load_s))
-        m2 = metric_values(srv.url, names)
+        m2 = metric_values(srv.url, names, lat)
         alive = srv.alive() and httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
         rss = dict(srv.peak_rss_mb)
     b, light, heavy = summary(base, "light", a.ramp_s), summary(load, "light", a.ramp_s), summary(load, "heavy")
     refused = [r for r in load if r[3] == 429]
     ratio = round(light["p99_ms"] / b["p99_ms"], 2) if light["p99_ms"] and b["p99_ms"] else None
+    sb, sl = server_side(m0, m1)["server_p99_ms_bucket"], server_side(m1, m2)["server_p99_ms_bucket"]
+    server_ratio = round(sl / sb, 2) if sb and sl else None
     steady = (round(light["p99_steady_ms"] / b["p99_steady_ms"], 2)
               if light["p99_steady_ms"] and b["p99_steady_ms"] else None)
     report = {
         "drill": "overload", "max_batch_size": a.batch, "max_queue_size": a.queue, "admits": admits,
         "clients": n_clients, "heavy_clients": a.heavy, "impatient": a.impatient,
         "heaviest_request": {"users": MAX_USERS, "beam_width": MAX_BEAM, "top_n": MAX_TOP_N, "history": MAX_HISTORY},
-        "baseline": {**b, "mean_batch": batch_mean(m0, m1)},
-        "overload_light": {**light, "mean_batch": batch_mean(m1, m2)},
+        "baseline": {**b, **server_side(m0, m1)},
+        "overload_light": {**light, **server_side(m1, m2)},
         "overload_heavy": heavy,
         "n_429": len(refused), "n_429_with_retry_after": sum(r[5] is not None for r in refused),
         "retry_after_s": sorted(Counter(r[5] for r in refused).items())[:10],
@@ -146,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ratio_vs_unloaded": ratio, "p99_ratio_steady": steady,
         "p99_target_met": ratio is not None and ratio <= 2.0,
         "p99_target_met_steady": steady is not None and steady <= 2.0,
+        "server_p99_bucket_ratio": server_ratio,
         "peak_rss_mb": rss, "server_alive": alive,
+        "driver_cpu_s": round(sum(os.times()[:2]), 1), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     write_json(out, {**report, "metrics": {"start": m0, "after_baseline": m1, "after_overload": m2},
                      "requests": base + load})
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16s} {s['sent']:6d} {s['ok']:6d} {s['p50_ms']!s:>8s} {s['p99_ms']!s:>8s} {mb!s:>6s}  "
               f"{s['by_status']}")
     print(f"429: {report['n_429']} ({report['n_429_with_retry_after']} with Retry-After); 5xx: {report['n_5xx']}; "
-          f"p99 ratio {ratio} (steady {steady}); peak RSS {rss}; alive {alive}; wrote {out}")
+          f"p99 ratio {ratio} (steady {steady}, server-side buckets {server_ratio}); peak RSS {rss}; alive {alive}; wrote {out}")
     print(json.dumps(report))
     return 0 if alive and report["n_5xx"] == 0 else 1
 
