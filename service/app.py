@@ -83,11 +83,12 @@ async def masked_items(rt: ServiceRuntime = Depends(runtime)) -> S.MaskedList:
 
 
 @router.get("/healthz", response_model=S.HealthResponse, tags=["ops"],
-            responses={503: {"description": "the engine process died (error body)"}})
+            responses={503: {"description": "the engine's restarts keep failing (error body)"}})
 async def healthz(rt: ServiceRuntime = Depends(runtime)):
-    """Liveness: the process answers and its engine process (if any) is alive."""
+    """Liveness: the process answers and its engine serves or is being restarted by the watchdog."""
     if not rt.alive():
-        return error_response(503, "engine_unavailable", "the engine process exited; restart the service")
+        return error_response(503, "engine_unavailable", "the engine process died and could not be restarted; "
+                              "replace this replica")
     return S.HealthResponse(status="ok")
 
 
@@ -97,7 +98,7 @@ async def readyz(rt: ServiceRuntime = Depends(runtime)):
     """Readiness: model loaded, warmed up, and the inverse index reachable."""
     state = await rt.readiness()
     if state["status"] != "ready":
-        missing = [k for k in ("model_loaded", "warmed", "index_reachable") if not state[k]]
+        missing = [k for k in ("model_loaded", "warmed", "index_reachable", "engine_healthy") if not state[k]]
         return error_response(503, "not_ready", "not ready: " + (", ".join(missing) or "shutting down"), state,
                               {"Retry-After": "1"})
     return JSONResponse(state)

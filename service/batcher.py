@@ -14,9 +14,29 @@ Inside a group, recommendations are sorted by beam width and cut into engine cal
 request's list is cut to its own top_n; each request keeps its own beam width). Scoring jobs are
 grouped separately. With batching off each job runs alone, still through the same thread.
 
-A full queue raises `QueueFull` (-> 429 + Retry-After); a request past its deadline raises
-`DeadlineExceeded` (-> 504) and is skipped if not yet started. This module imports no web
-framework; `service.app` maps its exceptions to HTTP.
+Admission counts work, not jobs. A job weighs `job_work`: the sum over its users of
+max(beam_width, MIN_USER_WORK) for recommendations, of max(candidates, MIN_USER_WORK) for
+scoring. Beams are the unit because the decoder's cost is beams x L steps (L is the same for
+every request of a model, so it drops out) and the trie, top-K and KV cache all scale with beams;
+a scored candidate is one teacher-forced beam over the same L steps. MIN_USER_WORK (16) is the
+floor per user: the encoder pass, history encoding and per-request bookkeeping cost about what 16
+beams do, so a flood of beam-1 requests is not admitted as if free. This is an estimate, not a
+calibrated model; its error only moves where the 429s start. The queue admits a job while the
+work waiting stays within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier
+than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
+only into an empty queue. Nor does a heavy job hold the engine: each round (one trip of the
+worker thread) runs at most `max_group_work` units, fresh jobs first, and a job with more work
+than fits runs in slices over successive rounds (at least one user per round), interleaved with
+the requests that arrive meanwhile; so a batch-scoring job slows interactive requests by about one
+slice, not by its whole length. A refused job raises `QueueFull` (-> 429) with Retry-After = (work queued + in flight) / the
+engine's measured rate in work units per second.
+
+A request past its deadline raises `DeadlineExceeded` (-> 504) and is skipped if not yet started.
+When an engine call raises, only the request that caused it fails: the call's jobs are split in
+halves and retried until the offending job stands alone (log2(jobs) extra calls), and the others
+get their answers. An unavailable engine (`EngineUnavailable`: hung, dead, restarting) is nobody's
+fault and fails the whole call at once, without retries. This module imports no web framework;
+`service.runtime` maps its exceptions to HTTP.
 """
 from __future__ import annotations
 
@@ -28,15 +48,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from sidrec.service.engine_proc import EngineUnavailable
 from sidrec.service.metrics import ServiceMetrics
 
 log = logging.getLogger("sidrec.batcher")
 
+MIN_USER_WORK = 16  # work units one user costs at least (see the module docstring)
+
 
 class QueueFull(RuntimeError):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__("the request queue is full")
+    def __init__(self, retry_after_s: int, reason: str = "the request queue is full") -> None:
+        super().__init__(reason)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class DeadlineExceeded(RuntimeError):
@@ -76,15 +100,36 @@ class Job:
     enqueued: float
     deadline: float
     results: list[Any] = field(default_factory=list)
-    waiting: bool = True  # counted against max_queue_size (queued, not yet taken or abandoned)
+    waiting: bool = True  # counted against the queue bounds (queued, not yet taken or abandoned)
+    weights: list[int] = field(default_factory=list)  # work of each entry
+    work: int = 0
+    cursor: int = 0  # entries [0, cursor) have been run (heavy jobs run in slices)
+    failed: bool = False  # an engine call raised on it (worker thread); its other entries are skipped
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.entries)
+        self.weights = [entry_work(self.kind, e) for e in self.entries]
+        self.work = sum(self.weights)
+
+    @property
+    def work_left(self) -> int:
+        return sum(self.weights[self.cursor:])
+
+
+def entry_work(kind: str, entry: Any) -> int:
+    """One user's weight (module docstring: beams or candidates, at least MIN_USER_WORK)."""
+    return max(entry.beam_width if kind == "recommend" else len(entry.candidates), MIN_USER_WORK)
+
+
+def job_work(kind: str, entries: Sequence[Any]) -> int:
+    """A job's weight in the admission budget."""
+    return sum(entry_work(kind, e) for e in entries)
 
 
 class DynamicBatcher:
     def __init__(self, engine: Any, *, batching: bool = True, max_batch_size: int = 32,
                  max_queue_delay_ms: float = 2.0, max_batch_beams: int = 16_384, max_queue_size: int = 256,
+                 max_queue_work: int | None = None, max_group_work: int | None = None,
                  request_timeout_s: float = 30.0, metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
         self.batching = batching
@@ -92,17 +137,27 @@ class DynamicBatcher:
         self.delay_s = max_queue_delay_ms / 1000.0
         self.max_batch_beams = max_batch_beams
         self.max_queue_size = max_queue_size
+        # None: as much work as max_queue_size requests at the default beam width (100).
+        self.max_queue_work = max_queue_work if max_queue_work is not None else max_queue_size * 100
+        # None: a full batch at the default beam width; a round always runs >= 1 user per job.
+        self.max_group_work = max_group_work if max_group_work is not None else max_batch_size * 100
+        if min(self.max_queue_work, self.max_group_work) < 1:
+            raise ValueError(f"max_queue_work and max_group_work must be >= 1, got {self.max_queue_work}, "
+                             f"{self.max_group_work}")
         self.timeout_s = request_timeout_s
         self.metrics = metrics
-        # Unbounded: admission is decided by `_waiting`, the number of queued jobs still wanted.
-        # A job abandoned in the queue (deadline passed, client gone) stops counting at once, so
-        # it cannot keep a slot and turn the next request away with a 429.
+        # Unbounded: admission is decided by `_waiting` / `_waiting_work`, the queued jobs still
+        # wanted and their work. A job abandoned in the queue (deadline passed, client gone)
+        # stops counting at once, so it cannot keep a slot and turn the next request away with a 429.
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0
+        self._waiting_work = 0
+        self._running_work = 0  # work left in the jobs taken from the queue (this round and carried)
+        self._carry: list[Job] = []  # jobs with entries left after a round: first in the next one
+        self._unit_s = 1e-4  # EWMA of engine seconds per work unit, for Retry-After
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._entry_s = 0.01  # EWMA of engine seconds per request, for Retry-After
         self._last_arrival = 0.0
         self._gap_s = 1.0  # EWMA of the time between arrivals
 
@@ -110,15 +165,17 @@ class DynamicBatcher:
     def from_settings(cls, engine: Any, settings: Any, metrics: ServiceMetrics | None = None) -> "DynamicBatcher":
         return cls(engine, batching=settings.batching, max_batch_size=settings.max_batch_size,
                    max_queue_delay_ms=settings.max_queue_delay_ms, max_batch_beams=settings.max_batch_beams,
-                   max_queue_size=settings.max_queue_size, request_timeout_s=settings.request_timeout_s,
-                   metrics=metrics)
+                   max_queue_size=settings.max_queue_size,
+                   max_queue_work=settings.max_queue_work or settings.max_queue_size * settings.default_beam_width,
+                   max_group_work=max(settings.max_batch_size * settings.default_beam_width, settings.max_beam_width),
+                   request_timeout_s=settings.request_timeout_s, metrics=metrics)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._waiting = 0
+        self._waiting = self._waiting_work = self._running_work = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidrec-engine")
         self._task = asyncio.create_task(self._collect(), name="sidrec-batcher")
 
@@ -129,8 +186,10 @@ class DynamicBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        left, self._carry = self._carry, []
         while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
+            left.append(self._queue.get_nowait())
+        for job in left:
             if not job.future.done():
                 job.future.set_exception(BatcherClosed("the service is shutting down"))
         if self._executor is not None:
@@ -155,19 +214,33 @@ class DynamicBatcher:
         return await self._submit("score", list(entries))
 
     def retry_after_s(self) -> int:
-        return max(1, math.ceil(self._waiting * self._entry_s))
+        """Seconds until the work queued now and the round running are done, at the measured rate
+        (a heavy job's later slices do not hold new requests back: rounds take fresh jobs first)."""
+        ahead = self._waiting_work + min(self._running_work, self.max_group_work)
+        return max(1, math.ceil(ahead * self._unit_s))
+
+    def _admit(self, job: Job) -> str | None:
+        """None if the job may queue, else why not."""
+        if self._waiting >= self.max_queue_size:
+            return f"the request queue is full ({self._waiting} requests waiting)"
+        if self._waiting_work and self._waiting_work + job.work > self.max_queue_work:
+            return (f"the queued work is at capacity ({self._waiting_work} of {self.max_queue_work} beam units "
+                    f"waiting; this request weighs {job.work})")
+        return None
 
     async def _submit(self, kind: str, entries: list[Any]) -> list[Any]:
         if self._queue is None or self._task is None:
             raise BatcherClosed("the batcher is not running")
         now = time.monotonic()
         job = Job(kind, entries, asyncio.get_running_loop().create_future(), now, now + self.timeout_s)
-        if self._waiting >= self.max_queue_size:
+        refused = self._admit(job)
+        if refused is not None:
             if self.metrics is not None:
                 self.metrics.rejected.labels("queue_full").inc()
-            raise QueueFull(self.retry_after_s())
+            raise QueueFull(self.retry_after_s(), refused)
         self._queue.put_nowait(job)
         self._waiting += 1
+        self._waiting_work += job.work
         self._gap_s = 0.5 * self._gap_s + 0.5 * min(now - self._last_arrival, 1.0)
         self._last_arrival = now
         self._gauge()
@@ -189,11 +262,13 @@ class DynamicBatcher:
         if job.waiting:
             job.waiting = False
             self._waiting -= 1
+            self._waiting_work -= job.work
             self._gauge()
 
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._waiting)
+            self.metrics.queue_work.set(self._waiting_work)
 
     # --- collector (event loop) ---------------------------------------------------------------
 
@@ -201,9 +276,16 @@ class DynamicBatcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._queue.get()
-            self._unqueue(job)
-            group, n = [job], len(job.entries)
+            group, self._carry = self._carry, []  # slices of heavy jobs: they go first
+            job: Job | None = None
+            if not group:
+                job = await self._queue.get()
+            elif not self._queue.empty():
+                job = self._queue.get_nowait()
+            if job is not None:
+                self._unqueue(job)
+                group.append(job)
+            n = sum(1 if j.cursor else len(j.entries) for j in group)  # a carried job may get only 1
             if self.batching:
                 # Waiting for company only pays when requests arrive closer together than the
                 # delay; a lone client (gaps of a whole decode) would just lose the delay.
@@ -233,10 +315,13 @@ class DynamicBatcher:
             live = [j for j in group if not j.future.done()]
             if not live:
                 continue
+            self._running_work = sum(j.work_left for j in live)
             try:
-                await loop.run_in_executor(self._executor, self._run_group, live)
+                self._carry = await loop.run_in_executor(self._executor, self._run_group, live)
             except Exception:  # the worker reports per job; this guards the loop itself
                 log.exception("batcher group failed")
+            finally:
+                self._running_work = sum(j.work_left for j in self._carry)
 
     # --- worker thread ------------------------------------------------------------------------
 
@@ -251,26 +336,47 @@ class DynamicBatcher:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(settle)
 
-    def _run_group(self, jobs: list[Job]) -> None:
+    def _slices(self, jobs: list[Job]) -> dict[int, tuple[int, int]]:
+        """This round's entries [lo, hi) of each job: fresh jobs first, then carried ones, within
+        max_group_work, and at least one entry per job so every job moves."""
+        budget, out = self.max_group_work, {}
+        for j in sorted(jobs, key=lambda j: j.cursor > 0):  # stable: arrival order within each
+            lo = hi = j.cursor
+            while hi < len(j.entries) and (hi == lo or j.weights[hi] <= budget):
+                budget -= j.weights[hi]
+                hi += 1
+            out[id(j)] = (lo, hi)
+        return out
+
+    def _run_group(self, jobs: list[Job]) -> list[Job]:
+        """One round: each job's next slice. Returns the jobs with entries left, for the next round."""
         start = time.monotonic()
         now = start
         for j in jobs:
-            if self.metrics is not None:
+            if self.metrics is not None and j.cursor == 0:
                 self.metrics.queue_time.observe(start - j.enqueued)
+        slices = self._slices(jobs)
         units = [jobs] if self.batching else [[j] for j in jobs]
         for unit in units:
             for kind, run in (("recommend", self._run_recommend), ("score", self._run_score)):
-                items = [(j, i, e) for j in unit if j.kind == kind and not j.future.done() and j.deadline > now
-                         for i, e in enumerate(j.entries)]
+                items = [(j, i, j.entries[i]) for j in unit if j.kind == kind and not j.future.done()
+                         and j.deadline > now and not j.failed for i in range(*slices[id(j)])]
                 if items:
                     run(items)
             now = time.monotonic()
+        work, left = 0, []
         for j in jobs:
-            if all(r is not None for r in j.results):
+            lo, j.cursor = slices[id(j)]
+            work += sum(j.weights[lo:j.cursor])
+            if j.failed or j.future.done():
+                continue
+            if j.cursor < len(j.entries):
+                left.append(j)
+            elif all(r is not None for r in j.results):
                 self._deliver(j)
-        n = sum(len(j.entries) for j in jobs)
-        if n:
-            self._entry_s = 0.8 * self._entry_s + 0.2 * (time.monotonic() - start) / n
+        if work:
+            self._unit_s = 0.8 * self._unit_s + 0.2 * (time.monotonic() - start) / work
+        return left
 
     def _chunks_recommend(self, items: list[tuple[Job, int, RecommendEntry]]) -> list[list]:
         items = sorted(items, key=lambda t: t[2].beam_width)
@@ -295,25 +401,49 @@ class DynamicBatcher:
             self.metrics.batch_size.labels(kind).observe(size)
             self.metrics.engine_time.labels(kind).observe(seconds)
 
+    def _isolate(self, kind: str, chunk: list, call: Callable[[list], Any], store: Callable[[list, Any], None]) -> None:
+        """Run one engine call on `chunk` ((job, index, entry) triples). If it raises, retry the
+        chunk's jobs in halves until the offending job stands alone; only that job fails. An
+        unavailable engine fails every job at once (retrying cannot help, and it is no job's fault)."""
+        t0 = time.monotonic()
+        try:
+            out = call([e for _, _, e in chunk])
+        except EngineUnavailable as exc:
+            for j in {id(j): j for j, _, _ in chunk}.values():
+                j.failed = True
+                self._deliver(j, exc)
+            return
+        except Exception as exc:
+            jobs = list({id(j): j for j, _, _ in chunk}.values())
+            if len(jobs) == 1:
+                log.warning("engine.%s failed on one request (%d users): %s: %s", kind, len(chunk),
+                            type(exc).__name__, exc)
+                jobs[0].failed = True
+                self._deliver(jobs[0], exc)
+                return
+            log.warning("engine.%s failed on a call of %d requests; retrying in halves to find the cause",
+                        kind, len(jobs))
+            first = {id(j) for j in jobs[: len(jobs) // 2]}
+            self._isolate(kind, [t for t in chunk if id(t[0]) in first], call, store)
+            self._isolate(kind, [t for t in chunk if id(t[0]) not in first], call, store)
+            return
+        self._observe_call(kind, len(chunk), time.monotonic() - t0)
+        store(chunk, out)
+
     def _run_recommend(self, items: list[tuple[Job, int, RecommendEntry]]) -> None:
-        for chunk in self._chunks_recommend(items):
-            entries = [e for _, _, e in chunk]
-            top = max(e.top_n for e in entries)
-            t0 = time.monotonic()
-            try:
-                res = self.engine.recommend([e.history for e in entries], [e.beam_width for e in entries], top,
-                                            exclude=[e.exclude for e in entries])
-            except Exception as exc:
-                log.exception("engine.recommend failed on a batch of %d", len(entries))
-                for j in {id(j): j for j, _, _ in chunk}.values():
-                    self._deliver(j, exc)
-                continue
-            self._observe_call("recommend", len(entries), time.monotonic() - t0)
+        def call(entries: list[RecommendEntry]) -> Any:
+            return self.engine.recommend([e.history for e in entries], [e.beam_width for e in entries],
+                                         max(e.top_n for e in entries), exclude=[e.exclude for e in entries])
+
+        def store(chunk: list, res: Any) -> None:
             items_l, sids_l, scores_l, n_valid = (res.items.tolist(), res.sids.tolist(), res.scores.tolist(),
                                                   res.n_valid.tolist())
             for b, (job, i, e) in enumerate(chunk):
                 k = min(e.top_n, int(n_valid[b]))
                 job.results[i] = RecommendOutput(items_l[b][:k], sids_l[b][:k], scores_l[b][:k])
+
+        for chunk in self._chunks_recommend(items):
+            self._isolate("recommend", chunk, call, store)
 
     def _run_score(self, items: list[tuple[Job, int, ScoreEntry]]) -> None:
         chunks, cur = [], []
@@ -326,16 +456,14 @@ class DynamicBatcher:
             cur.append(it)
         if cur:
             chunks.append(cur)
-        for chunk in chunks:
-            t0 = time.monotonic()
-            try:
-                out = self.engine.score([e.history for _, _, e in chunk], [e.candidates for _, _, e in chunk])
-            except Exception as exc:
-                log.exception("engine.score failed on a batch of %d", len(chunk))
-                for j in {id(j): j for j, _, _ in chunk}.values():
-                    self._deliver(j, exc)
-                continue
-            self._observe_call("score", len(chunk), time.monotonic() - t0)
+
+        def call(entries: list[ScoreEntry]) -> Any:
+            return self.engine.score([e.history for e in entries], [e.candidates for e in entries])
+
+        def store(chunk: list, out: Any) -> None:
             rows = out.tolist()
             for b, (job, i, e) in enumerate(chunk):
                 job.results[i] = rows[b][: len(e.candidates)]
+
+        for chunk in chunks:
+            self._isolate("score", chunk, call, store)

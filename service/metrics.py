@@ -41,6 +41,20 @@ class ServiceMetrics:
         self.index_misses = Counter("sidrec_index_misses_total", "SIDs the inverse index could not map.", registry=r)
         self.masked_items = Gauge("sidrec_masked_items", "Items masked out of recommendations.", registry=r)
         self.model = Info("sidrec_model", "The loaded bundle.", registry=r)
+        # Engine watchdog (service.watchdog) and work-based admission (service.batcher).
+        self.engine_up = Gauge("sidrec_engine_up", "1 while the engine answers; 0 from a detected fault to its restart.",
+                               registry=r)
+        self.engine_faults = Counter("sidrec_engine_faults_total", "Engine faults detected, by kind (hung, dead).",
+                                     ["kind"], registry=r)
+        self.engine_restarts = Counter("sidrec_engine_restarts_total", "Engine restarts, by outcome (ok, failed).",
+                                       ["outcome"], registry=r)
+        self.engine_restart_time = Histogram("sidrec_engine_restart_seconds", "Spawn + load + warm-up of a new engine.",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_failed_requests = Counter("sidrec_engine_failed_requests_total",
+                                              "Requests answered 503 because the engine was hung, dead or restarting.",
+                                              registry=r)
+        self.queue_work = Gauge("sidrec_queue_work", "Work units (beams, scored candidates) waiting for the engine.",
+                                registry=r)
 
     def set_model(self, version: str, num_items: int, device: str, index_backend: str) -> None:
         self.model.info({"version": version, "num_items": str(num_items), "device": device,

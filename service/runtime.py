@@ -16,11 +16,12 @@ from sidrec.model.engine import EngineOptions, RecommendEngine
 from sidrec.service import schemas as S
 from sidrec.service.batcher import (BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull, RecommendEntry,
                              RecommendOutput, ScoreEntry)
-from sidrec.service.engine_proc import EngineDead, EngineProcess
+from sidrec.service.engine_proc import EngineProcess, EngineUnavailable, HangPolicy
 from sidrec.service.errors import APIError
 from sidrec.service.index import InProcessIndex, IndexUnavailable, InverseIndex, RedisInverseIndex
 from sidrec.service.metrics import ServiceMetrics
 from sidrec.service.settings import Settings
+from sidrec.service.watchdog import EngineWatchdog
 
 log = logging.getLogger("sidrec.service")
 
@@ -36,6 +37,7 @@ class ServiceRuntime:
         self.engine: RecommendEngine | EngineProcess | None = None
         self.batcher: DynamicBatcher | None = None
         self.index: InverseIndex | None = None
+        self.watchdog: EngineWatchdog | None = None  # engine_process only: finds hangs, restarts
         self.masked: set[str] = set()
         self.warmed = False
         self.ready = False
@@ -50,7 +52,8 @@ class ServiceRuntime:
                              max_beam_width=max(s.max_beam_width, 1), num_threads=s.num_threads)
         try:
             if s.engine_process:
-                self.engine = await asyncio.to_thread(EngineProcess.start, s.bundle_path, opts)
+                policy = HangPolicy(s.engine_hang_timeout_s, s.engine_hang_slack)
+                self.engine = await asyncio.to_thread(EngineProcess.start, s.bundle_path, opts, 600.0, policy)
             else:
                 self.engine = await asyncio.to_thread(RecommendEngine.from_path, s.bundle_path, opts)
         except BundleError as e:
@@ -66,6 +69,13 @@ class ServiceRuntime:
             self._mask_task = asyncio.create_task(self._mask_loop(), name="sidrec-mask-sync")
         if s.warmup:
             await self.batcher.run_exclusive(self._warm)
+        if isinstance(self.engine, EngineProcess):
+            self.watchdog = EngineWatchdog(self.engine, self.metrics, interval_s=s.engine_ping_interval_s,
+                                           max_restart_failures=s.engine_max_restart_failures)
+            # A restarted child gets the warm-up and the live masks before it takes traffic.
+            self.watchdog.prepare_hooks += [self._warm] if s.warmup else []
+            self.watchdog.prepare_hooks.append(self._remask)
+            self.watchdog.start()
         self.warmed = True
         self.ready = True
         if isinstance(self.index, RedisInverseIndex):
@@ -115,16 +125,24 @@ class ServiceRuntime:
         finally:
             client.close()
 
-    def _warm(self) -> None:
-        assert self.engine is not None
+    def _warm(self, engine: Any = None) -> None:
+        engine = engine or self.engine
+        assert engine is not None
         s = self.settings
-        hist = [[0], list(range(min(self.engine.num_items, self.engine.cfg.max_history)))]
+        hist = [[0], list(range(min(engine.num_items, engine.cfg.max_history)))]
         top = min(s.default_top_n, s.default_beam_width)
-        self.engine.recommend(hist, s.default_beam_width, top, exclude=[[0], []])
-        self.engine.score(hist, [[0, 1 % self.engine.num_items], [0]])
+        engine.recommend(hist, s.default_beam_width, top, exclude=[[0], []])
+        engine.score(hist, [[0, 1 % engine.num_items], [0]])
+
+    def _remask(self, engine: EngineProcess) -> None:
+        masked = sorted(self.masked)
+        if masked:
+            engine.set_masked(masked, True)
 
     async def stop(self) -> None:
         self.ready = False
+        if self.watchdog is not None:
+            await self.watchdog.stop()
         for task in (self._mask_task, self._registry_task):
             if task is not None:
                 task.cancel()
@@ -139,30 +157,45 @@ class ServiceRuntime:
     # --- helpers --------------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        """Liveness: false only when the engine process died (a restart is the cure)."""
+        """Liveness: true while the engine serves or is being restarted by the watchdog; false once
+        its restarts keep failing (then replacing the pod is the cure)."""
+        if self.watchdog is not None:
+            return self.watchdog.alive()
         return not (isinstance(self.engine, EngineProcess) and not self.engine.alive())
+
+    def engine_healthy(self) -> bool:
+        """False from a detected engine fault until its restart (EngineProcess.check is cheap)."""
+        return not isinstance(self.engine, EngineProcess) or self.engine.check()
+
+    def _engine_unavailable(self) -> APIError:
+        self.metrics.engine_failed_requests.inc()
+        wait = str(self.watchdog.retry_after_s() if self.watchdog is not None else 1)
+        return APIError(503, "engine_unavailable", "the model engine stopped answering and is being restarted; "
+                        "retry after the delay in Retry-After, or on another replica", headers={"Retry-After": wait})
 
     def require_ready(self) -> RecommendEngine:
         if not self.ready or self.engine is None:
             raise APIError(503, "not_ready", "the model is not loaded or the service is shutting down; retry shortly",
                            headers={"Retry-After": "1"})
+        if not self.engine_healthy():
+            raise self._engine_unavailable()
         return self.engine
 
     async def _run(self, coro) -> Any:
         try:
             return await coro
         except QueueFull as e:
-            raise APIError(429, "queue_full", f"the server is at capacity ({self.settings.max_queue_size} queued "
-                           "requests); retry after the delay in Retry-After",
-                           {"retry_after_s": e.retry_after_s}, {"Retry-After": str(e.retry_after_s)}) from None
+            raise APIError(429, "queue_full", f"the server is at capacity: {e.reason}; retry after the delay in "
+                           "Retry-After", {"retry_after_s": e.retry_after_s}, {"Retry-After": str(e.retry_after_s)}
+                           ) from None
         except DeadlineExceeded:
             raise APIError(504, "timeout", f"the request did not finish within {self.settings.request_timeout_s:g} s "
                            "(SIDREC_REQUEST_TIMEOUT_S); try a smaller beam_width or retry") from None
-        except EngineDead:
-            self.ready = False
-            log.error("the engine process is gone; /healthz now fails so the orchestrator restarts us")
-            raise APIError(503, "engine_unavailable", "the model engine stopped; retry on another replica",
-                           headers={"Retry-After": "1"}) from None
+        except EngineUnavailable:
+            raise self._engine_unavailable() from None
+        except ValueError:  # the engine refused this request's input (logged by the batcher)
+            raise APIError(422, "invalid_request", "the engine could not serve this request's input; check "
+                           "history, exclude and beam_width against GET /v1/model's limits") from None
         except BatcherClosed:
             raise APIError(503, "not_ready", "the service is shutting down; retry on another replica",
                            headers={"Retry-After": "1"}) from None
@@ -262,9 +295,10 @@ class ServiceRuntime:
 
     async def readiness(self) -> dict[str, Any]:
         reachable = bool(self.index is not None and await self.index.ping())
-        return {"status": "ready" if (self.ready and reachable) else "not_ready",
+        engine_ok = self.engine is not None and self.engine_healthy()
+        return {"status": "ready" if (self.ready and reachable and engine_ok) else "not_ready",
                 "model_loaded": self.engine is not None, "warmed": self.warmed, "index_reachable": reachable,
-                "model_version": self.engine.version if self.engine else None}
+                "engine_healthy": engine_ok, "model_version": self.engine.version if self.engine else None}
 
     # --- masks ----------------------------------------------------------------------------------
 

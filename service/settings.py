@@ -59,7 +59,21 @@ class Settings(BaseSettings):
     # Cap on batch_size x widest beam per engine call: bounds the KV cache and logits memory.
     max_batch_beams: int = Field(default=16_384, ge=1)
     max_queue_size: int = Field(default=256, ge=1)  # queued requests before 429
+    # Queued work before 429, in beam units (service.batcher: sum of beam widths or candidates, at
+    # least 16 per user). None: max_queue_size x default_beam_width, the old bound counted in
+    # typical requests; a 64-user batch at beam 1,024 now weighs 640 beam-100 requests.
+    max_queue_work: int | None = Field(default=None, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0.0)  # per-request deadline -> 504
+
+    # --- engine watchdog (engine_process=True; service.watchdog) ----------------------------------
+    # A call may take 3 s + 10 x its expected time (measured seconds per beam x its beams) before
+    # the engine counts as hung; an idle engine is pinged every second and must answer in 3 s. So a
+    # stopped or dead engine is found in ~1-4 s, well inside the 30 s request deadline.
+    engine_hang_timeout_s: float = Field(default=3.0, gt=0.0)
+    engine_hang_slack: float = Field(default=10.0, ge=1.0)
+    engine_ping_interval_s: float = Field(default=1.0, gt=0.0)
+    # Restarts failing this many times in a row make /healthz fail (the pod is then replaced).
+    engine_max_restart_failures: int = Field(default=3, ge=1)
 
     # --- inverse index (SID -> item id) ----------------------------------------------------------
     redis_url: str | None = None  # unset -> the in-process index (embedded default)

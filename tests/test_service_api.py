@@ -271,7 +271,8 @@ def test_quickstart_serves_and_answers(bundle_dir):
 
 
 def test_engine_process_mode(bundle_dir, tmp_path):
-    """The default deployment: the engine in a child process. Same answers; a dead engine fails liveness."""
+    """The default deployment: the engine in a child process. Same answers; a dead engine fails
+    readiness (not liveness: the watchdog restarts it, see test_engine_watchdog.py) and its requests get 503."""
     req = {"history": ["item3", "item8"], "top_n": 4}
     with TestClient(create_app(settings_for(bundle_dir, warmup=False))) as c:
         in_thread = c.post("/v1/recommend", json=req).json()
@@ -287,7 +288,8 @@ def test_engine_process_mode(bundle_dir, tmp_path):
         proc = c.app.state.runtime.engine._proc
         proc.kill()
         proc.join(5)
-        assert_error(c.get("/healthz"), 503, "engine_unavailable")
+        assert c.get("/healthz").status_code == 200
+        assert_error(c.get("/readyz"), 503, "not_ready")
         assert_error(c.post("/v1/recommend", json=req), 503, "engine_unavailable")
     broken = make_bundle(tmp_path / "broken", n_items=40)
     (broken / "sid_map.safetensors").write_bytes(b"not a safetensors file")
