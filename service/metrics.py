@@ -77,6 +77,10 @@ class ServiceMetrics:
         self.index_latency = Histogram("sidrec_index_lookup_seconds", "One inverse-index round trip (SID -> item id).",
                                        ["backend"], buckets=FAST_BUCKETS, registry=r)
         self.index_misses = Counter("sidrec_index_misses_total", "SIDs the inverse index could not map.", registry=r)
+        self.index_degraded = Gauge("sidrec_index_degraded", "1 while Redis is unreachable and reads are answered "
+                                    "from the in-process fallback.", registry=r, multiprocess_mode="livemax")
+        self.index_fallback = Counter("sidrec_index_fallback_lookups_total",
+                                      "Lookups answered from the in-process fallback (Redis unreachable).", registry=r)
         self.masked_items = Gauge("sidrec_masked_items", "Items masked out of recommendations.", registry=r,
                                   multiprocess_mode="livemax")
         # An info-style gauge (value 1 on the loaded bundle's labels): prometheus_client's Info
