@@ -19,7 +19,7 @@ When Redis stops answering, `RedisInverseIndex` answers reads from its fallback 
 map, given by the runtime) minus the items it last knew to be masked, and says so through the
 `sidrec_index_degraded` gauge and `sidrec_index_fallback_lookups_total`; after a failure it
 serves from the fallback for `retry_after_s` before one request tries Redis again, so recovery
-after Redis returns takes about that long and no request waits on a dead server twice.
+after Redis returns takes about that long, and one request at a time, not all, waits on a dead server.
 This module does not load or drop versions (see `service.index_store`).
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 from sidrec.service.metrics import ServiceMetrics
 
 log = logging.getLogger("sidrec.service")
+
 
 class IndexUnavailable(RuntimeError):
     """The inverse index is unreachable or lacks the version being served."""
