@@ -198,7 +198,7 @@ def run_fuzz(app, n_requests: int, seed: int, token: str, modes=("positive", "ne
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_requests, unit="req", desc="fuzz")
+            bar = tqdm(total=n_requests, unit="req", desc="fuzz", mininterval=1 if sys.stderr.isatty() else 30)
         except ImportError:
             pass
     t0 = time.perf_counter()
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = Path(args.bundle) if args.bundle else small_bundle(Path(tmp) / "bundle")
         app = create_app(fuzz_settings(bundle, token, args.redis_url, args.max_beam_width))
         known = json.loads((bundle / "item_ids.json").read_text())
-        report = run_fuzz(app, args.requests, args.seed, token, progress=sys.stderr.isatty(), known_ids=known)
+        report = run_fuzz(app, args.requests, args.seed, token, progress=True, known_ids=known)
         from schemathesis.python import asgi
 
         asgi.shutdown_lifespans()
