@@ -9,7 +9,8 @@ shuts it down and starts it again on the same data (an append-only file). A moni
 /metrics and /readyz every 100 ms. Reported: requests and errors by status per phase (before,
 during, after), latency percentiles, how long the service said it was degraded, the time from
 Redis' return to the service reading from it again, the status of an admin write during the
-outage, and whether any masked item was returned. Writes a JSON report; one JSON line last.
+outage, and whether any masked item was returned. Writes a JSON report (and the service's log
+beside it); one JSON line last.
 
     python loadtests/drill_redis.py --outage-s 10 --out runs/drill-redis.json
 """
@@ -108,7 +109,9 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sidrec-drill-redis-"))
     redis = DedicatedRedis(free_port(), work)
     server = None
-    log_path = work / "service.log"
+    log_path = Path(args.out).with_suffix(".service.log")  # kept beside the report
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("w")
     try:
         bundle = Path(args.bundle) if args.bundle else small_bundle(work / "bundle", n_items=300)
         ids = json.loads((bundle / "item_ids.json").read_text())
@@ -119,7 +122,7 @@ def run(args) -> dict:
                "SIDREC_REDIS_TIMEOUT_S": str(args.redis_timeout_s), "SIDREC_NUM_THREADS": "1",
                "SIDREC_MAX_BEAM_WIDTH": "64", "SIDREC_DEFAULT_BEAM_WIDTH": "32", "SIDREC_LOG_LEVEL": "warning"}
         server = subprocess.Popen([sys.executable, "-m", "sidrec", "serve", "--bundle", str(bundle), "--port",
-                                   str(port)], env=env, cwd=ROOT, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+                                   str(port)], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         http = httpx.Client(base_url=base, timeout=30)
         wait_for(lambda: server.poll() is None and http.get("/readyz").status_code == 200, 180, "the service to be ready")
@@ -212,6 +215,8 @@ def run(args) -> dict:
             except subprocess.TimeoutExpired:
                 server.kill()
         redis.stop()
+        log_file.close()
+        shutil.rmtree(work, ignore_errors=True)  # its Redis data and bundle
 
     def phase(t: float) -> str:
         return "before" if t < t_down else ("during" if t < t_back else "after")
