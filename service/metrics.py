@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def prepare_multiprocess_dir(workers: int) -> Path | None:
     there. One worker: nothing to do (None)."""
     if workers <= 1:
         return None
-    d = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="sidrec-metrics-"))
-    d.mkdir(parents=True, exist_ok=True)
+    if os.environ.get(MULTIPROC_ENV):
+        d = Path(os.environ[MULTIPROC_ENV])
+        d.mkdir(parents=True, exist_ok=True)
+    else:
+        d = Path(tempfile.mkdtemp(prefix="sidrec-metrics-"))
+        atexit.register(shutil.rmtree, d, True)  # ours: removed when the server exits
     for f in d.glob("*.db"):
         f.unlink()
     os.environ[MULTIPROC_ENV] = str(d)

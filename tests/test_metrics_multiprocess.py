@@ -174,3 +174,20 @@ def test_sidrec_serve_with_two_workers_adds_up(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_prepare_multiprocess_dir(monkeypatch, tmp_path):
+    from sidrec.service.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    assert prepare_multiprocess_dir(1) is None and MULTIPROC_ENV not in os.environ  # one worker: in memory
+    made = prepare_multiprocess_dir(2)  # none given: a fresh directory of its own
+    assert made.is_dir() and not any(made.iterdir()) and os.environ[MULTIPROC_ENV] == str(made)
+    made.rmdir()
+    given = tmp_path / "mp"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"an earlier run")
+    (given / "notes.txt").write_text("not ours")
+    monkeypatch.setenv(MULTIPROC_ENV, str(given))
+    assert prepare_multiprocess_dir(4) == given
+    assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]  # only the metric files go
