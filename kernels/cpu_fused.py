@@ -22,7 +22,10 @@ matmul dtype in one pass (torch takes five: square, mean, rsqrt, multiply, cast)
 It is plain C over raw bf16 or fp32 buffers, with fp32 arithmetic (no torch headers: it compiles
 in about two seconds), built on first use with the machine's C compiler into
 `~/.cache/sidrec/kernels` (or `$SIDREC_KERNEL_CACHE`), keyed by its source, flags and CPU, and
-called through ctypes. Its OpenMP loop runs on torch's own OpenMP runtime (the library resolves
+called through ctypes. An image has no compiler at run time: its build stage runs
+`python -m sidrec.kernels.cpu_fused --build --out DIR` (a portable build, no -march=native, since
+the image runs on CPUs other than the builder's) and sets SIDREC_KERNEL_DIR=DIR; a build there
+that matches this source is loaded without any compiler. Its OpenMP loop runs on torch's own OpenMP runtime (the library resolves
 to the libgomp torch already loaded) with torch's thread count. Where there is no compiler, or
 the build fails, `available()` is False and the decoder keeps the torch ops: the kernel is an
 optimisation, never a requirement. SIDREC_CPU_KERNELS=0 turns it off. tests/test_cpu_fused.py
@@ -37,6 +40,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -184,30 +188,61 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SIDREC_KERNEL_CACHE") or Path.home() / ".cache" / "sidrec" / "kernels")
 
 
-def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _portable(flags: list[str]) -> list[str]:
+    return [f for f in flags if not f.startswith(("-march", "-mprefer"))]
+
+
+def prebuilt_name() -> str:
+    """File name of the portable build of this source and flags: what `--build` writes and what
+    SIDREC_KERNEL_DIR is searched for (a .so of another source is never picked up)."""
+    key = hashlib.sha256("\n".join([_SOURCE, " ".join(_portable(_FLAGS)), platform.machine()]).encode())
+    return f"cpu_fused-portable-{key.hexdigest()[:16]}.so"
+
+
+class BuildError(RuntimeError):
+    """The C compiler is missing or failed (the message holds its last lines of output)."""
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    """Compile the source into `out`, atomically (a concurrent builder leaves one complete file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, so = Path(tmp) / "k.c", Path(tmp) / "k.so"
+        src.write_text(_SOURCE)
+        res = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
+                             timeout=120)
+        if res.returncode != 0:
+            raise BuildError(f"{cc} failed: {res.stderr.strip()[-500:]}")
+        os.replace(so, out)
+
+
+def build(out_dir: str | Path, cc: str | None = None) -> Path:
+    """The build-time path (the image's build stage): a portable build into out_dir, named by
+    `prebuilt_name()`. Portable: no -march=native, so the .so runs on any CPU of this
+    architecture, not only the build machine's. Raises BuildError without a working compiler."""
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.info("no C compiler found: the decoder uses torch ops instead of its fused CPU kernels")
+        raise BuildError("no C compiler found (set CC or install gcc)")
+    out = Path(out_dir) / prebuilt_name()
+    _compile(cc, _portable(_FLAGS), out)
+    _load(out)  # it links and exports every symbol, or this raises here rather than at serve time
+    return out
+
+
+def _prebuilt() -> Path | None:
+    """The portable build in SIDREC_KERNEL_DIR (set by the image), if there is one for this source."""
+    d = os.environ.get("SIDREC_KERNEL_DIR")
+    if not d:
         return None
-    cpu = _cpu_key()
-    # -march=native code is only cached under the CPU features it was built for: where they cannot
-    # be read, a portable build (a .so for another CPU would die on an illegal instruction).
-    flags = _FLAGS if cpu.partition("|")[2] else [f for f in _FLAGS if not f.startswith(("-march", "-mprefer"))]
-    key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), cpu]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_fused-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            src, so = Path(tmp) / "k.c", Path(tmp) / "k.so"
-            src.write_text(_SOURCE)
-            res = subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True,
-                                 timeout=120)
-            if res.returncode != 0:
-                log.warning("the fused CPU kernels did not build (%s); using torch ops: %s", cc,
-                            res.stderr.strip()[-500:])
-                return None
-            os.replace(so, out)  # atomic: a concurrent builder leaves one complete file
-    lib = ctypes.CDLL(str(out))
+    p = Path(d) / prebuilt_name()
+    if p.is_file():
+        return p
+    log.warning("SIDREC_KERNEL_DIR=%s holds no %s (built from another source?); building on first use", d, p.name)
+    return None
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.sidrec_own_attention_bf16, lib.sidrec_own_attention_f32):
         fn.argtypes = [i64] * 7 + [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -216,6 +251,29 @@ def _build() -> ctypes.CDLL | None:
         fn.argtypes = [ptr, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
         fn.restype = None
     return lib
+
+
+def _build() -> ctypes.CDLL | None:
+    prebuilt = _prebuilt()
+    if prebuilt is not None:
+        return _load(prebuilt)  # no compiler needed: the runtime image has none
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler found: the decoder uses torch ops instead of its fused CPU kernels")
+        return None
+    cpu = _cpu_key()
+    # -march=native code is only cached under the CPU features it was built for: where they cannot
+    # be read, a portable build (a .so for another CPU would die on an illegal instruction).
+    flags = _FLAGS if cpu.partition("|")[2] else _portable(_FLAGS)
+    key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), cpu]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_fused-{key}.so"
+    if not out.is_file():
+        try:
+            _compile(cc, flags, out)
+        except BuildError as e:
+            log.warning("the fused CPU kernels did not build (%s); using torch ops: %s", cc, e)
+            return None
+    return _load(out)
 
 
 def available() -> bool:
@@ -228,7 +286,7 @@ def available() -> bool:
             if not _tried:
                 try:
                     _lib = _build()
-                except (OSError, subprocess.SubprocessError) as e:
+                except (OSError, AttributeError, subprocess.SubprocessError) as e:  # a .so missing a symbol
                     log.warning("the fused CPU kernels are unavailable (%s); using torch ops", e)
                     _lib = None
                 _tried = True
@@ -352,3 +410,26 @@ def rms_norm(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     getattr(_lib, _NORMS[dtype])(rows.data_ptr(), rows.shape[0], D, rows.stride(0), eps, out.data_ptr(),
                                  torch.get_num_threads())
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sidrec.kernels.cpu_fused --build --out DIR`: the image's build stage."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m sidrec.kernels.cpu_fused",
+                                description="build the fused CPU kernels ahead of time (portable, no -march=native)")
+    p.add_argument("--build", action="store_true", required=True, help="compile the kernels")
+    p.add_argument("--out", required=True, help="directory to write the .so into (then set SIDREC_KERNEL_DIR to it)")
+    args = p.parse_args(argv)
+    try:
+        path = build(args.out)
+    except (BuildError, OSError, subprocess.SubprocessError) as e:
+        print(f"cpu_fused: build failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"built": str(path), "portable": True, "machine": platform.machine()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -81,6 +81,9 @@ def serve(args: argparse.Namespace) -> int:
         # Worker processes build the app from the environment: hand the overrides down.
         for k, v in overrides.items():
             os.environ[f"SIDREC_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
+        from sidrec.service.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir(settings.workers)  # /metrics then adds every worker's series up
         uvicorn.run("sidrec.service.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_level=settings.log_level, timeout_graceful_shutdown=10)
         return 0

@@ -15,10 +15,16 @@ A SID (c_0, ..., c_{L-1}) is packed as the mixed-radix integer s = ((c_0 C_1 + c
 its bucket is s // span, i.e. a SID prefix. `span` is chosen per catalogue so each bucket holds
 at most ~128 entries: Redis then keeps the hash as a compact listpack (a few bytes per entry)
 instead of one top-level key per item (~60+ bytes of overhead each).
+When Redis stops answering, `RedisInverseIndex` answers reads from its fallback (the bundle's own
+map, given by the runtime) minus the items it last knew to be masked, and says so through the
+`sidrec_index_degraded` gauge and `sidrec_index_fallback_lookups_total`; after a failure it
+serves from the fallback for `retry_after_s` before one request tries Redis again, so recovery
+after Redis returns takes about that long, and one request at a time, not all, waits on a dead server.
 This module does not load or drop versions (see `service.index_store`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from typing import Sequence
@@ -26,6 +32,8 @@ from typing import Sequence
 import torch
 
 from sidrec.service.metrics import ServiceMetrics
+
+log = logging.getLogger("sidrec.service")
 
 
 class IndexUnavailable(RuntimeError):
@@ -152,6 +160,9 @@ class RedisInverseIndex(InverseIndex):
 
     backend = "redis"
     shares_masks = True
+    # After a failed round trip, serve from the fallback this long before Redis is tried again:
+    # bounds both the recovery time after Redis returns and how often a request pays the timeout.
+    retry_after_s = 0.5
 
     def __init__(self, client, namespace: str, version: str, metrics: ServiceMetrics | None = None) -> None:
         super().__init__(version, metrics)
@@ -160,6 +171,49 @@ class RedisInverseIndex(InverseIndex):
         self.keys = keys(namespace, version)
         self.codec: SidCodec | None = None
         self._script = client.register_script(_LOOKUP_LUA)
+        self.fallback: InverseIndex | None = None
+        self._known_masked: set[str] = set()  # the shared mask as last read or written: the gate while degraded
+        self._down_until: float | None = None  # None while Redis answers
+
+    def set_fallback(self, fallback: InverseIndex) -> None:
+        """Answer reads from `fallback` (an in-process map) while Redis is unreachable."""
+        self.fallback = fallback
+
+    @property
+    def degraded(self) -> bool:
+        return self._down_until is not None
+
+    async def lookup(self, sids: Sequence[Sequence[int]]) -> list[str | None]:
+        if self.fallback is None:
+            return await super().lookup(sids)
+        now = time.monotonic()
+        if self._down_until is not None:
+            if now < self._down_until:
+                return await self._degraded_lookup(sids)
+            self._down_until = now + self.retry_after_s  # this request probes Redis; the others keep the fallback
+        try:
+            out = await super().lookup(sids)
+        except Exception as e:
+            if self._down_until is None:
+                log.warning("Redis inverse index unreachable (%s): answering reads from the in-process fallback",
+                            type(e).__name__)
+            self._down_until = time.monotonic() + self.retry_after_s
+            if self.metrics is not None:
+                self.metrics.index_degraded.set(1)
+            return await self._degraded_lookup(sids)
+        if self._down_until is not None:
+            self._down_until = None
+            log.warning("Redis inverse index reachable again: reads go to Redis")
+            if self.metrics is not None:
+                self.metrics.index_degraded.set(0)
+        return out
+
+    async def _degraded_lookup(self, sids: Sequence[Sequence[int]]) -> list[str | None]:
+        assert self.fallback is not None
+        if self.metrics is not None:
+            self.metrics.index_fallback.inc()
+        masked = self._known_masked
+        return [None if i in masked else i for i in await self.fallback.lookup(sids)]
 
     @classmethod
     async def open(cls, url: str, namespace: str, version: str, timeout_s: float = 2.0,
@@ -213,16 +267,20 @@ class RedisInverseIndex(InverseIndex):
         return await self.client.get(self.keys["current"])
 
     async def masked_ids(self) -> set[str] | None:
-        return set(await self.client.smembers(self.keys["masked"]))
+        self._known_masked = set(await self.client.smembers(self.keys["masked"]))
+        return set(self._known_masked)
 
     async def set_masked(self, item_ids: Sequence[str], masked: bool) -> None:
         if item_ids:
             if masked:
                 await self.client.sadd(self.keys["masked"], *item_ids)
+                self._known_masked = self._known_masked | set(item_ids)
             else:
                 await self.client.srem(self.keys["masked"], *item_ids)
+                self._known_masked = self._known_masked - set(item_ids)
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(namespace=self.namespace, span=None if self.codec is None else self.codec.span)
+        d.update(namespace=self.namespace, span=None if self.codec is None else self.codec.span,
+                 fallback=self.fallback is not None, degraded=self.degraded)
         return d

@@ -1,13 +1,25 @@
-"""Prometheus metrics of one app instance, in its own `CollectorRegistry`.
+"""Prometheus metrics of one app instance, in its own `CollectorRegistry`, added up across workers.
 
 Each `create_app` builds a fresh `ServiceMetrics`, so tests and several apps in one process never
-share counters. With `--workers N` every worker exports its own series (scrape each pod/worker or
-run one worker per container, as the k8s manifests do). This module only defines and renders
-metrics; the middleware, batcher and index observe them.
+share counters. With `sidrec serve --workers N` (N > 1), uvicorn's workers are separate processes
+and any of them may answer a scrape, so the metrics use prometheus_client's multiprocess mode:
+`prepare_multiprocess_dir` (called by the CLI before the workers start) points
+PROMETHEUS_MULTIPROC_DIR at a directory emptied at start; every worker's values live in files
+there, and /metrics renders all of them through a `MultiProcessCollector`: counters and
+histograms are sums over the workers (dead ones included, so totals never go backwards), the
+queue depth is the sum over live workers, the masked-item count and the model info the maximum
+over live workers. One worker (the default) keeps plain in-memory metrics.
+This module only defines and renders metrics; the middleware, batcher and index observe them.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -16,10 +28,40 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BEAM_BUCKETS = (1, 10, 25, 50, 100, 200, 256, 512, 1024, 2048, 4096)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_dir(workers: int) -> Path | None:
+    """For N > 1 workers, before they start: set PROMETHEUS_MULTIPROC_DIR (the operator's, or a
+    fresh temporary directory) and empty it of an earlier run's files, which would otherwise be
+    added in. The workers inherit the variable; prometheus_client reads it when first imported
+    there. One worker: nothing to do (None)."""
+    if workers <= 1:
+        return None
+    if os.environ.get(MULTIPROC_ENV):
+        d = Path(os.environ[MULTIPROC_ENV])
+        d.mkdir(parents=True, exist_ok=True)
+    else:
+        d = Path(tempfile.mkdtemp(prefix="sidrec-metrics-"))
+        atexit.register(shutil.rmtree, d, True)  # ours: removed when the server exits
+    for f in d.glob("*.db"):
+        f.unlink()
+    os.environ[MULTIPROC_ENV] = str(d)
+    return d
+
+
+def multiprocess_mode() -> bool:
+    """Whether this process records into PROMETHEUS_MULTIPROC_DIR (decided when prometheus_client
+    was first imported, as the library does)."""
+    return values.ValueClass is not values.MutexValue
 
 
 class ServiceMetrics:
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_mode()
+        if self.multiprocess:
+            # A worker that exits cleanly takes its live gauges (queue depth, ...) out of the sums.
+            atexit.register(multiprocess.mark_process_dead, os.getpid())
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("sidrec_requests_total", "HTTP requests by endpoint and status.",
                                 ["endpoint", "method", "status"], registry=r)
@@ -34,16 +76,26 @@ class ServiceMetrics:
                                     buckets=SIZE_BUCKETS, registry=r)
         self.beams = Histogram("sidrec_beams_per_request", "Beam width asked for per recommendation.",
                                buckets=BEAM_BUCKETS, registry=r)
-        self.queue_depth = Gauge("sidrec_queue_depth", "Jobs waiting for the engine.", registry=r)
+        self.queue_depth = Gauge("sidrec_queue_depth", "Jobs waiting for the engine.", registry=r,
+                                 multiprocess_mode="livesum")
         self.rejected = Counter("sidrec_rejected_total", "Requests refused before the engine.", ["reason"], registry=r)
         self.index_latency = Histogram("sidrec_index_lookup_seconds", "One inverse-index round trip (SID -> item id).",
                                        ["backend"], buckets=FAST_BUCKETS, registry=r)
         self.index_misses = Counter("sidrec_index_misses_total", "SIDs the inverse index could not map.", registry=r)
-        self.masked_items = Gauge("sidrec_masked_items", "Items masked out of recommendations.", registry=r)
-        self.model = Info("sidrec_model", "The loaded bundle.", registry=r)
+        self.index_degraded = Gauge("sidrec_index_degraded", "1 while Redis is unreachable and reads are answered "
+                                    "from the in-process fallback.", registry=r, multiprocess_mode="livemax")
+        self.index_fallback = Counter("sidrec_index_fallback_lookups_total",
+                                      "Lookups answered from the in-process fallback (Redis unreachable).", registry=r)
+        self.masked_items = Gauge("sidrec_masked_items", "Items masked out of recommendations.", registry=r,
+                                  multiprocess_mode="livemax")
+        # An info-style gauge (value 1 on the loaded bundle's labels): prometheus_client's Info
+        # does not work in multiprocess mode; this gives the same `sidrec_model_info` series.
+        self.model = Gauge("sidrec_model_info", "The loaded bundle.", ["version", "num_items", "device", "index_backend"],
+                           registry=r, multiprocess_mode="livemax")
+        self._model_labels: tuple[str, ...] | None = None
         # Engine watchdog (service.watchdog) and work-based admission (service.batcher).
         self.engine_up = Gauge("sidrec_engine_up", "1 while the engine answers; 0 from a detected fault to its restart.",
-                               registry=r)
+                               registry=r, multiprocess_mode="livemin")
         self.engine_faults = Counter("sidrec_engine_faults_total", "Engine faults detected, by kind (hung, dead).",
                                      ["kind"], registry=r)
         self.engine_restarts = Counter("sidrec_engine_restarts_total", "Engine restarts, by outcome (ok, failed).",
@@ -54,14 +106,23 @@ class ServiceMetrics:
                                               "Requests answered 503 because the engine was hung, dead or restarting.",
                                               registry=r)
         self.queue_work = Gauge("sidrec_queue_work", "Work units (beams, scored candidates) waiting for the engine.",
-                                registry=r)
+                                registry=r, multiprocess_mode="livesum")
 
     def set_model(self, version: str, num_items: int, device: str, index_backend: str) -> None:
-        self.model.info({"version": version, "num_items": str(num_items), "device": device,
-                         "index_backend": index_backend})
+        labels = (version, str(num_items), device, index_backend)
+        if self._model_labels is not None and self._model_labels != labels:
+            # 0, not removed: a removed series would linger in a worker's multiprocess file
+            self.model.labels(*self._model_labels).set(0)
+        self.model.labels(*labels).set(1)
+        self._model_labels = labels
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition: this app's registry, or with several workers every worker's files."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent): used by tests and benchmarks."""

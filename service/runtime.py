@@ -109,6 +109,8 @@ class ServiceRuntime:
             await index.close()
             raise StartupError(f"refusing to start: Redis at {_redact(s.redis_url)} is unreachable "
                                f"({type(e).__name__}); unset SIDREC_REDIS_URL to use the in-process index") from None
+        # reads survive a Redis outage, answered from the bundle's map (degraded; see service.index)
+        index.set_fallback(InProcessIndex(engine.version, engine.bundle.sid_map, engine.item_ids, cards))
         return index
 
     def _autoload(self, engine: RecommendEngine) -> None:

@@ -179,3 +179,52 @@ def test_rms_norm_matches_torch(dtype):
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SIDREC_CPU_KERNELS", "0")
     assert not cpu_fused.available()
+
+
+def test_prebuilt_kernels_load_without_a_compiler(monkeypatch, tmp_path):
+    """The image's path: `python -m sidrec.kernels.cpu_fused --build --out DIR` at build time (a
+    portable build), then at run time SIDREC_KERNEL_DIR=DIR is loaded with no compiler at all (CC
+    a failing program, and any compiler call an error), and computes what torch does."""
+    import subprocess
+    import sys
+
+    prebuilt = tmp_path / "prebuilt"
+    proc = subprocess.run([sys.executable, "-m", "sidrec.kernels.cpu_fused", "--build", "--out", str(prebuilt)],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "no C compiler" in proc.stderr:
+        pytest.skip("no C compiler here: the build-time path cannot be exercised")
+    assert proc.returncode == 0, proc.stderr
+    [so] = prebuilt.glob("*.so")
+    assert so.name == cpu_fused.prebuilt_name() and "-march" not in " ".join(cpu_fused._portable(cpu_fused._FLAGS))
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(cpu_fused, "_lib", None)
+    monkeypatch.setattr(cpu_fused, "_tried", False)
+    monkeypatch.setenv("SIDREC_KERNEL_DIR", str(prebuilt))
+    monkeypatch.setenv("SIDREC_KERNEL_CACHE", str(cache))
+    monkeypatch.setenv("CC", "false")
+
+    def no_compiler(*a, **k):
+        raise AssertionError(f"the compiler was invoked: {a}")
+    monkeypatch.setattr(cpu_fused.subprocess, "run", no_compiler)
+    assert cpu_fused.available()
+    assert not cache.exists()  # nothing built at run time
+    s, q, own_k, own_v = operands(2, 3, 2, 16, 7, 2, 2, seed=5, dtype=torch.float32)
+    p_ref, own_ref = reference(s, 7, q, own_k, own_v)
+    got = cpu_fused.own_attention(s, 7, q, own_k, own_v)
+    torch.testing.assert_close(s[..., :7], p_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, own_ref, rtol=5e-5, atol=5e-5)
+
+
+def test_kernel_dir_without_a_matching_build_falls_back(monkeypatch, tmp_path, caplog):
+    """A SIDREC_KERNEL_DIR holding no build of this source (e.g. an image built from other code),
+    and no compiler: a warning names the missing file, and the decoder keeps the torch ops."""
+    (tmp_path / "cpu_fused-portable-0000000000000000.so").write_bytes(b"not this source's build")
+    monkeypatch.setattr(cpu_fused, "_lib", None)
+    monkeypatch.setattr(cpu_fused, "_tried", False)
+    monkeypatch.setenv("SIDREC_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("SIDREC_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.WARNING, logger="sidrec.kernels"):
+        assert not cpu_fused.available()
+    assert cpu_fused.prebuilt_name() in caplog.text and "did not build" in caplog.text
