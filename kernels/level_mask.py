@@ -76,15 +76,16 @@ def parent_states(trie: PrefixTrie, level: int, child: Tensor) -> Tensor:
     return torch.searchsorted(trie.row_ptr[level].long(), child.long(), right=True) - 1
 
 
-def clear_leaves(trie: PrefixTrie, levels: list[Tensor], leaves: Tensor) -> list[Tensor]:
-    """One mask row (levels[l]: (S_{l+1},) bool) with `leaves` forbidden too: a new row (copies).
+def clear_leaves(trie: PrefixTrie, levels: list[Tensor], leaves: Tensor, inplace: bool = False) -> list[Tensor]:
+    """One mask row (levels[l]: (S_{l+1},) bool) with `leaves` forbidden too: a new row (copies),
+    or the given row updated when inplace.
 
     Only the ancestors of the cleared leaves are re-checked: a state turns invalid exactly when
     its last valid child did. leaves: any shape of leaf positions; -1 entries are ignored.
     """
     leaves = leaves.reshape(-1).long()
     leaves = leaves[leaves >= 0]
-    out = [t.clone() for t in levels]
+    out = list(levels) if inplace else [t.clone() for t in levels]
     if leaves.numel() == 0:
         return out
     if int(leaves.max()) >= trie.num_items:
