@@ -223,3 +223,18 @@ def test_corrupted_items_jsonl_is_refused(tmp_path, line, fault):
     with pytest.raises(BundleError, match="item_id 'zz' is not in item_ids"):
         save_bundle(tmp_path / "c", make_model("decoder_only", seed=2), make_catalogue(3, seed=2), ids,
                     items=[{"item_id": "zz"}])
+
+
+def test_pipeline_export_items_come_from_the_item_table():
+    from types import SimpleNamespace
+
+    from sidrec.training.cli import demo_config
+    from sidrec.training.pipeline import bundle_items
+
+    data = SimpleNamespace(item_ids=["1", "2"], item_fields=[
+        {"asin": "B01", "title": "OPI Nail Lacquer", "categories": "Beauty > Makeup > Nails", "brand": "OPI"},
+        {"title": "Plain soap"}])
+    recs = bundle_items(SimpleNamespace(data=data, cfg=demo_config(epochs=1)))
+    assert recs[0]["item_id"] == "1" and "OPI Nail Lacquer" in recs[0]["text"]
+    assert recs[0]["attributes"] == {"categories": ["Beauty", "Makeup", "Nails"], "brand": ["OPI"]}
+    assert recs[1]["attributes"] == {} and "Plain soap" in recs[1]["text"]
