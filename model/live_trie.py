@@ -100,18 +100,13 @@ class LiveCatalogue:
             return self._owners_locked(sids)
 
     def _owners_locked(self, sids: Tensor) -> list[int | None]:
-        sids = sids.to("cpu", torch.int64)
-        snap = self._snap
-        found = snap.trie.lookup(sids).cpu()
+        sids = sids.to("cpu", torch.int64)  # (n, L)
+        found = self._snap.trie.lookup(sids).cpu()
+        current = (self._sids[:, found.clamp(min=0)].T == sids).all(1) & (found >= 0)  # not moved away since
         out: list[int | None] = []
-        for sid, idx in zip(sids.tolist(), found.tolist()):
-            p = self._pending.get(tuple(sid))
-            if p is not None:
-                out.append(p)
-            elif idx >= 0 and self._sids[:, idx].tolist() == sid:  # not moved away since the build
-                out.append(idx)
-            else:
-                out.append(None)
+        for sid, idx, cur in zip(map(tuple, sids.tolist()), found.tolist(), current.tolist()):
+            p = self._pending.get(sid)
+            out.append(p if p is not None else (idx if cur else None))
         return out
 
     # ---- writes --------------------------------------------------------------------------------
@@ -149,26 +144,28 @@ class LiveCatalogue:
                     raise ValueError(f"item {ids[j]!r}: SID {sids[:, j].tolist()} is already held by item "
                                      f"{self.item_ids[own]!r}")
             self._rev += 1
-            rev, idx, moved = self._rev, [], False
-            for j, iid in enumerate(ids):
+            rev, idx, moved, write = self._rev, [], False, []
+            for j, (iid, sid) in enumerate(zip(ids, map(tuple, sids.T.tolist()))):
                 i = self.index_of.get(iid)
-                sid = tuple(sids[:, j].tolist())
                 if i is None:
                     i = self._append(iid)
-                elif tuple(self._sids[:, i].tolist()) == sid:
-                    idx.append(i)
-                    continue
                 else:
                     old = tuple(self._sids[:, i].tolist())
+                    if old == sid:
+                        idx.append(i)
+                        continue
                     if self._pending.get(old) == i:
                         del self._pending[old]
                     self._moved[i] = rev
                     moved = True
-                self._sids[:, i] = sids[:, j]
-                if self._dev_sids is not self._sids:
-                    self._dev_sids[:, i] = sids[:, j].to(self.device)
                 self._pending[sid] = i
                 idx.append(i)
+                write.append(j)
+            if write:  # one indexed write of every new or moved column
+                cols = torch.tensor([idx[j] for j in write], dtype=torch.int64)
+                self._sids[:, cols] = sids[:, write]
+                if self._dev_sids is not self._sids:
+                    self._dev_sids[:, cols.to(self.device)] = sids[:, write].to(self.device)
             if moved:
                 self._mask_version += 1
                 self._snap = self._with_global_masks(self._snap)
