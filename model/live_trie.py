@@ -2,11 +2,14 @@
 device trie that serves it, rebuilt off the request path and swapped in atomically.
 
 Why a background rebuild and not an overlay trie merged at step time: measured at 1M items
-(3 x 256 + dedup digit, 1 CPU thread), `PrefixTrie.build` takes ~0.2-0.25 s, so a full rebuild
-makes an insert visible in well under the 1 s the service promises, and the beam step keeps one
-trie, one kernel and one mask layout (an overlay doubles every step's gathers and the kernel's
-state space for the whole life of the overlay). benchmarks/catalogue_trie.py measures the insert
-call, the time to visibility, the rebuild, and the step latency while a rebuild runs.
+(3 x 256 + dedup digit, 1 CPU thread), `PrefixTrie.build` takes ~0.2-0.25 s on an idle core
+(~1 s on this shared 2-core box under other load), so a full rebuild makes an insert visible in
+about a second or less, while the beam step keeps one trie, one kernel and one mask layout (an
+overlay doubles every step's gathers and the kernel's state space for the whole life of the
+overlay, and needs its own compaction anyway). benchmarks/catalogue_trie.py measures the insert
+call, the time to visibility, the rebuild, and the search latency while a rebuild runs. If
+visibility must drop well under the build time, the next step is a merge build (the new SIDs
+merged into the already sorted leaves instead of a fresh argsort), not an overlay.
 
 How:
 - A `TrieSnapshot` is immutable: trie, the catalogue revision it was built at, the item count it
