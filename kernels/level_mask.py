@@ -45,12 +45,18 @@ class LevelMasks:
         return sum(t.numel() * t.element_size() for t in self.levels) + self.rows.numel() * 8
 
 
+def index_tensor(t: Tensor) -> Tensor:
+    """An index tensor torch accepts without widening int32 (int16 tries are small: widen)."""
+    return t if t.dtype in (torch.int32, torch.int64) else t.long()
+
+
 def _segment_any(child_valid: Tensor, row_ptr: Tensor) -> Tensor:
     """child_valid (R, S') bool, row_ptr (S + 1,) -> (R, S) bool: any child of each state valid."""
     R, n = child_valid.shape
     csum = torch.zeros(R, n + 1, dtype=torch.int32, device=child_valid.device)  # (R, S' + 1)
-    torch.cumsum(child_valid, dim=1, dtype=torch.int32, out=csum[:, 1:])
-    rp = row_ptr.long()
+    # the bool viewed as uint8: cumsum straight from bool converts first (measured 3-5x slower)
+    torch.cumsum(child_valid.view(torch.uint8), dim=1, dtype=torch.int32, out=csum[:, 1:])
+    rp = index_tensor(row_ptr)
     return csum[:, rp[1:]] > csum[:, rp[:-1]]
 
 
@@ -73,7 +79,8 @@ def propagate(trie: PrefixTrie, leaf_valid: Tensor) -> list[Tensor]:
 
 def parent_states(trie: PrefixTrie, level: int, child: Tensor) -> Tensor:
     """States of level `level` owning the given states of level + 1 (children are contiguous)."""
-    return torch.searchsorted(trie.row_ptr[level].long(), child.long(), right=True) - 1
+    rp = trie.row_ptr[level]
+    return torch.searchsorted(rp, child.to(rp.dtype), right=True).long() - 1
 
 
 def clear_leaves(trie: PrefixTrie, levels: list[Tensor], leaves: Tensor, inplace: bool = False) -> list[Tensor]:
@@ -96,8 +103,8 @@ def clear_leaves(trie: PrefixTrie, levels: list[Tensor], leaves: Tensor, inplace
         parent = torch.unique(parent_states(trie, l, changed))
         if parent.numel() == 0:
             break
-        rp = trie.row_ptr[l].long()
-        lo, hi = rp[parent], rp[parent + 1]  # (P,)
+        rp = trie.row_ptr[l]
+        lo, hi = rp[parent].long(), rp[parent + 1].long()  # (P,)
         width = max(1, trie.max_children[l])
         idx = lo[:, None] + torch.arange(width, device=lo.device)  # (P, W)
         inside = idx < hi[:, None]

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from sidrec.kernels.level_mask import propagate
+from sidrec.kernels.level_mask import index_tensor, propagate
 from sidrec.kernels.trie import PrefixTrie
 
 
@@ -212,7 +212,7 @@ class LiveCatalogue:
             invalid[m[~still_there]] = True  # the old leaf of a moved item returns it no more
         if not bool(invalid.any()):
             return replace(snap, global_levels=None, leaf_valid=None)
-        leaf_valid = ~invalid.to(self.device)[snap.trie.leaf_item.long()]
+        leaf_valid = ~invalid.to(self.device)[index_tensor(snap.trie.leaf_item)]
         return replace(snap, global_levels=[t[0] for t in propagate(snap.trie, leaf_valid)], leaf_valid=leaf_valid)
 
     # ---- the builder ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sidrec.kernels.level_mask import LevelMasks, clear_leaves, propagate
+from sidrec.kernels.level_mask import LevelMasks, clear_leaves, index_tensor, propagate
 from sidrec.model.attributes import AttributeIndex
 from sidrec.model.live_trie import TrieSnapshot
 
@@ -25,7 +25,7 @@ def filter_leaves(snap: TrieSnapshot, index: AttributeIndex, flt: Mapping[str, S
     """(N,) bool in the snapshot's leaf order: the trie's items passing the filter."""
     trie = snap.trie
     ok = torch.ones(trie.num_items, dtype=torch.bool, device=trie.device)
-    item_leaf = trie.item_leaf.long()
+    item_leaf = index_tensor(trie.item_leaf)
     for name, values in flt.items():
         ids = index.matching(name, values)
         ids = ids[ids < snap.n_items].to(trie.device)  # items added after the build are not leaves yet
@@ -38,7 +38,7 @@ def filter_leaves(snap: TrieSnapshot, index: AttributeIndex, flt: Mapping[str, S
 def _excluded_leaves(snap: TrieSnapshot, items: Sequence[int]) -> Tensor:
     ids = torch.as_tensor(list(items), dtype=torch.int64)
     ids = ids[(ids >= 0) & (ids < snap.n_items)].to(snap.trie.device)  # not in this trie: nothing to clear
-    return snap.trie.item_leaf.long()[ids]
+    return index_tensor(snap.trie.item_leaf)[ids].long()
 
 
 def batch_masks(snap: TrieSnapshot, index: AttributeIndex, batch: int,
