@@ -14,6 +14,7 @@ attribute, and an update costs O(its values). What it is not: the trie or the ma
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -47,6 +48,7 @@ class AttributeIndex:
         self._base: dict[tuple[str, str], Tensor] = {}  # (name, value) -> sorted base item indices
         self._changed: set[int] = set()  # items whose attributes were set after the base was indexed
         self._overlay: dict[tuple[str, str], set[int]] = {}
+        self._lock = threading.Lock()  # writers (set) against readers (matching) on other threads
         if base:
             self._index_base(base)
 
@@ -66,6 +68,10 @@ class AttributeIndex:
 
     def set(self, item: int, attrs: Attributes) -> None:
         """Replace one item's attributes (already validated with check_attributes)."""
+        with self._lock:
+            self._set(item, attrs)
+
+    def _set(self, item: int, attrs: Attributes) -> None:
         old = self._items.get(item)
         if old is not None and item in self._changed:
             for k, vals in old.items():
@@ -79,6 +85,10 @@ class AttributeIndex:
 
     def matching(self, name: str, values: Sequence[str]) -> Tensor:
         """Item indices having attribute `name` with any of `values` (int64, may repeat)."""
+        with self._lock:
+            return self._matching(name, values)
+
+    def _matching(self, name: str, values: Sequence[str]) -> Tensor:
         parts = []
         changed = torch.tensor(sorted(self._changed), dtype=torch.int64) if self._changed else None
         for v in values:

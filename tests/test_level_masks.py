@@ -169,3 +169,39 @@ def test_exclusion_memory_is_bounded_by_catalogue_size():
     assert old > 10 * bound, (old, bound)
     banned = set(exclude[0].tolist()) | set(item_mask.nonzero().squeeze(1).tolist())
     assert (res.n_valid == 10).all() and not banned & set(res.items[0].tolist())
+
+
+def test_batch_masks_share_the_global_row_and_both_backends_agree():
+    """A batch mixing plain, exclusion-only and filtered requests: plain ones read the shared
+    global row, the others one row each; the search is the same with either backend, every
+    result passes its request's masks, and top_n is full."""
+    from sidrec.model.attributes import AttributeIndex
+    from sidrec.model.live_trie import LiveCatalogue
+    from sidrec.model.request_masks import batch_masks
+
+    g = torch.Generator().manual_seed(8)
+    cards = (6, 5, 3)
+    _, sm = random_trie(cards, 70, g)
+    cat = LiveCatalogue(sm, [f"i{i}" for i in range(70)], cards)
+    index = AttributeIndex([{"shade": ["dark" if int(sm[0, i]) < 2 else "light"]} for i in range(70)])
+    cat.set_masked([0, 1, 2, 3], True)
+    snap = cat.snapshot
+    exclude = [[], [5, 6, 7, 8], [], [9]]
+    filters = [None, None, {"shade": ["dark"]}, {"shade": ["light", "x"]}]
+    masks = batch_masks(snap, index, 4, exclude, filters)
+    assert masks.num_rows == 4 and masks.rows.tolist() == [0, 1, 2, 3]
+    plain = batch_masks(snap, index, 4)
+    assert plain.num_rows == 1 and plain.levels[-1].data_ptr() == snap.global_levels[-1].data_ptr()  # no copy
+    assert batch_masks(LiveCatalogue(sm, [f"i{i}" for i in range(70)], cards).snapshot, index, 4) is None
+    model = _MockDecoder(cards)
+    src, smask = torch.zeros(4, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.bool)
+    a = beam_search(model, snap.trie, src, smask, 6, 6, beam_step=beam_step_reference, masks=masks)
+    b = beam_search(model, snap.trie, src, smask, 6, 6, beam_step=beam_step_triton, masks=masks)
+    assert torch.equal(a.items, b.items) and torch.equal(a.n_valid, b.n_valid)
+    assert (a.n_valid == 6).all()
+    for r, items in enumerate(a.items.tolist()):
+        for i in items:
+            assert i not in (0, 1, 2, 3) and i not in exclude[r]
+            if filters[r]:
+                assert index.get(i)["shade"][0] in filters[r]["shade"]
+    cat.close()
