@@ -17,7 +17,9 @@ Two constructions, both vectorised (no Python loop over states):
   at each row's bounds (any = csum[hi] > csum[lo]). O(N) per row. Used for filters and for the
   global mask when deletions change.
 - `clear_leaves`: a copy of an existing row with a few leaves cleared, re-checking only their
-  ancestors (O(N) copy + O(E * branching * L)). Used for exclusion lists, the common case.
+  ancestors (O(N) copy + O(E * branching) per level, falling back to re-deriving a level when
+  that would exceed the level's size, so it stays O(N) whatever E is). Used for exclusion
+  lists, the common case.
 
 What it is not: the trie (kernels/trie.py) or the scoring (beam_step_ref.py). This module does
 not know about items, ids or attributes; callers hand it leaf positions or a leaf-order bool.
@@ -103,15 +105,21 @@ def clear_leaves(trie: PrefixTrie, levels: list[Tensor], leaves: Tensor, inplace
         parent = torch.unique(parent_states(trie, l, changed))
         if parent.numel() == 0:
             break
-        rp = trie.row_ptr[l]
-        lo, hi = rp[parent].long(), rp[parent + 1].long()  # (P,)
         width = max(1, trie.max_children[l])
-        idx = lo[:, None] + torch.arange(width, device=lo.device)  # (P, W)
-        inside = idx < hi[:, None]
-        alive = (out[l][idx.clamp(max=out[l].numel() - 1)] & inside).any(1)
-        newly_dead = parent[out[l - 1][parent] & ~alive]
-        out[l - 1][parent] = alive & out[l - 1][parent]
-        changed = newly_dead
+        if parent.numel() * width > out[l].numel():
+            # many parents, or a few huge rows: re-derive the whole level (O(S_{l+1})) so the
+            # (P, W) gather below never outgrows the level itself
+            alive_all = _segment_any(out[l][None], trie.row_ptr[l])[0]
+            changed = (out[l - 1] & ~alive_all).nonzero().squeeze(1)
+            out[l - 1] &= alive_all
+        else:
+            rp = trie.row_ptr[l]
+            lo, hi = rp[parent].long(), rp[parent + 1].long()  # (P,)
+            idx = lo[:, None] + torch.arange(width, device=lo.device)  # (P, W), P * W <= S_{l+1}
+            inside = idx < hi[:, None]
+            alive = (out[l][idx.clamp(max=out[l].numel() - 1)] & inside).any(1)
+            changed = parent[out[l - 1][parent] & ~alive]
+            out[l - 1][parent] = alive & out[l - 1][parent]
         if changed.numel() == 0:
             break
     return out

@@ -57,6 +57,12 @@ def test_propagate_and_clear_match_brute_force(seed):
     for l, (a, b) in enumerate(zip(inc, propagate(trie, smaller))):
         assert torch.equal(a, b[0]), f"clear_leaves level {l}"
     assert torch.equal(got[-1][0], leaf_valid)  # the original row is untouched (a copy)
+    many = torch.randperm(N, generator=g)[: N // 2]  # many parents: the whole-level fallback
+    smaller = leaf_valid.clone()
+    smaller[many] = False
+    inc = clear_leaves(trie, [t[0].clone() for t in got], many, inplace=True)
+    for l, (a, b) in enumerate(zip(inc, propagate(trie, smaller))):
+        assert torch.equal(a, b[0]), f"clear_leaves (many) level {l}"
 
 
 def test_propagate_refuses_wrong_shape():
@@ -154,7 +160,7 @@ def test_exclusion_memory_is_bounded_by_catalogue_size():
     model = _MockDecoder(cards)
     src, smask = torch.zeros(B, 3, dtype=torch.int64), torch.ones(B, 3, dtype=torch.bool)
     states_total = sum(trie.num_states[1:]) + n
-    per_request = 4 * (states_total + B)  # the largest per-row temporary: an int32 prefix sum
+    per_request = 8 * (states_total + B)  # per row: int32 prefix sums, int64 child indices <= one level
     logits_bytes = 4 * B * K * max(cards)  # what the decoder returns, independent of masks
     bound = B * per_request + 4 * logits_bytes
     from torch.profiler import ProfilerActivity, profile
