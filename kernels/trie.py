@@ -190,8 +190,12 @@ class PrefixTrie:
     def lookup(self, sids: Tensor) -> Tensor:
         """sids (..., L) -> internal item index (...), -1 where the SID is not in the catalogue.
 
-        Codes outside a level's range simply match nothing.
+        Codes outside a level's range simply match nothing (fail closed: an unknown prefix names
+        no item). Non-integer codes are refused rather than truncated into a real code.
         """
+        sids = torch.as_tensor(sids)
+        if sids.is_floating_point() or sids.is_complex() or sids.dtype == torch.bool:
+            raise ValueError(f"SIDs must hold integer codes, got dtype {sids.dtype}")
         if sids.shape[-1] != self.num_levels:
             raise ValueError(f"SIDs must have {self.num_levels} codes in the last dimension, "
                              f"got shape {tuple(sids.shape)}")

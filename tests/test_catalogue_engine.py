@@ -167,6 +167,9 @@ def test_collisions_and_bad_codes_are_refused(engine):
     with pytest.raises(ValueError, match=r"item 'c'.*outside the layout"):
         engine.add_items(["c"], torch.tensor([[0, 0, 0, CARDS[3]]]).T)
     assert "x" not in engine.index_of and "a" not in engine.index_of and engine.num_items == N
+    assert engine.sid_owner([0, 0, 0, CARDS[3]]) is None and engine.sid_owner([-1, 0, 0, 0]) is None
+    with pytest.raises(ValueError, match="4 codes"):
+        engine.sid_owner([0, 0])
     engine.add_items(["x"], torch.tensor([free]).T)  # pending (not yet built) SIDs are guarded too
     with pytest.raises(ValueError, match=r"item 'y'.*already held by item 'x'"):
         engine.add_items(["y"], torch.tensor([free]).T)

@@ -85,6 +85,8 @@ def test_trie_lookup_fails_closed():
     assert (trie.lookup(torch.tensor(unknown[:20])) == -1).all()  # unknown prefixes of real codes too
     with pytest.raises(ValueError, match="3 codes"):
         trie.lookup(torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="integer codes"):
+        trie.lookup(sm[:, :1].T.float() + 0.5)  # would truncate onto a real SID
 
 
 @pytest.mark.parametrize("level,dense", [(0, 1), (1, 1), (1, 0), (2, 0)])
