@@ -59,7 +59,8 @@ def _segment_any(child_valid: Tensor, row_ptr: Tensor) -> Tensor:
     # the bool viewed as uint8: cumsum straight from bool converts first (measured 3-5x slower)
     torch.cumsum(child_valid.view(torch.uint8), dim=1, dtype=torch.int32, out=csum[:, 1:])
     rp = index_tensor(row_ptr)
-    return csum[:, rp[1:]] > csum[:, rp[:-1]]
+    # index_select rather than csum[:, rp]: the advanced-index gather is several times slower
+    return csum.index_select(1, rp[1:]) > csum.index_select(1, rp[:-1])
 
 
 def propagate(trie: PrefixTrie, leaf_valid: Tensor) -> list[Tensor]:

@@ -79,7 +79,7 @@ def masks_from_exclusions(trie: PrefixTrie, B: int, exclude_items: Tensor | None
     if leaf_mask is None and item_mask is not None:
         if item_mask.shape != (N,):
             raise ValueError(f"item_mask must be ({N},), got {tuple(item_mask.shape)}")
-        leaf_mask = item_mask.to(device)[trie.leaf_item.long()]
+        leaf_mask = item_mask.to(device).index_select(0, trie.leaf_item.long())
     has_ex = exclude_items is not None and exclude_items.numel() > 0 and bool((exclude_items >= 0).any())
     if leaf_mask is None and not has_ex:
         return None

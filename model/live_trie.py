@@ -31,6 +31,7 @@ What it is not: the attribute index (model/attributes.py) or the per-request mas
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -40,6 +41,9 @@ from torch import Tensor
 
 from sidrec.kernels.level_mask import index_tensor, propagate
 from sidrec.kernels.trie import PrefixTrie
+
+
+BUILDER_NICE = 10  # the builder thread's niceness: requests keep their latency while it builds
 
 
 @dataclass(frozen=True)
@@ -204,15 +208,23 @@ class LiveCatalogue:
     def _with_global_masks(self, snap: TrieSnapshot) -> TrieSnapshot:
         """The snapshot with masks for the current deletions and its stale leaves (items moved
         to another SID after it was built). Called under the lock."""
-        invalid = self._deleted[: snap.n_items].clone()
+        return self._masks_for(snap, *self._mask_inputs(snap))
+
+    def _mask_inputs(self, snap: TrieSnapshot) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of what the global masks depend on (under the lock): deleted (n,), moved items
+        and their current SIDs."""
         moved = [i for i, r in self._moved.items() if r > snap.generation and i < snap.n_items]
-        if moved:
-            m = torch.tensor(moved, dtype=torch.int64)
-            still_there = snap.trie.lookup(self._sids[:, m].T.to(snap.trie.device)).cpu() == m
-            invalid[m[~still_there]] = True  # the old leaf of a moved item returns it no more
+        m = torch.tensor(moved, dtype=torch.int64)
+        return self._deleted[: snap.n_items].clone(), m, self._sids[:, m].clone()
+
+    def _masks_for(self, snap: TrieSnapshot, deleted: Tensor, moved: Tensor, moved_sids: Tensor) -> TrieSnapshot:
+        invalid = deleted
+        if moved.numel():
+            still_there = snap.trie.lookup(moved_sids.T.to(snap.trie.device)).cpu() == moved
+            invalid[moved[~still_there]] = True  # the old leaf of a moved item returns it no more
         if not bool(invalid.any()):
             return replace(snap, global_levels=None, leaf_valid=None)
-        leaf_valid = ~invalid.to(self.device)[index_tensor(snap.trie.leaf_item)]
+        leaf_valid = ~invalid.to(self.device).index_select(0, index_tensor(snap.trie.leaf_item))
         return replace(snap, global_levels=[t[0] for t in propagate(snap.trie, leaf_valid)], leaf_valid=leaf_valid)
 
     # ---- the builder ---------------------------------------------------------------------------
@@ -222,6 +234,10 @@ class LiveCatalogue:
             self._builder.start()
 
     def _build_loop(self) -> None:
+        try:  # Linux: a niced builder thread leaves the CPU to the request threads first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILDER_NICE)
+        except (AttributeError, OSError):
+            pass
         while True:
             with self._lock:
                 while not self._closed and self._rev <= self._snap.generation:
@@ -237,8 +253,13 @@ class LiveCatalogue:
                     self._error = e
                     self._built.notify_all()
                 return
+            fresh = TrieSnapshot(trie, rev, n, None, None)
             with self._lock:
-                snap = self._with_global_masks(TrieSnapshot(trie, rev, n, None, None))
+                inputs, version = self._mask_inputs(fresh), self._mask_version
+            snap = self._masks_for(fresh, *inputs)  # O(N): off the lock
+            with self._lock:
+                if version != self._mask_version:  # deletions changed meanwhile: redo (rare)
+                    snap = self._with_global_masks(fresh)
                 self._snap = snap  # the swap
                 self._moved = {i: r for i, r in self._moved.items() if r > rev}
                 self._pending = {s: i for s, i in self._pending.items() if self._moved.get(i, 0) > rev or i >= n}
