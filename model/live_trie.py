@@ -57,10 +57,11 @@ class TrieSnapshot:
 
 class LiveCatalogue:
     def __init__(self, sid_map: Tensor, item_ids: Sequence[str], cardinalities: Sequence[int],
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", builder_nice: int = BUILDER_NICE) -> None:
         sid_map = torch.as_tensor(sid_map).to("cpu", torch.int64)
         self.cards = tuple(int(c) for c in cardinalities)
         self.device = torch.device(device)
+        self.builder_nice = builder_nice
         L, N = sid_map.shape
         self._sids = torch.empty(L, max(16, 2 * N), dtype=torch.int64)  # capacity-doubling buffer, CPU
         self._sids[:, :N] = sid_map
@@ -235,7 +236,8 @@ class LiveCatalogue:
 
     def _build_loop(self) -> None:
         try:  # Linux: a niced builder thread leaves the CPU to the request threads first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILDER_NICE)
+            if self.builder_nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.builder_nice)
         except (AttributeError, OSError):
             pass
         while True:
@@ -258,6 +260,8 @@ class LiveCatalogue:
                 inputs, version = self._mask_inputs(fresh), self._mask_version
             snap = self._masks_for(fresh, *inputs)  # O(N): off the lock
             with self._lock:
+                if self._closed:
+                    return
                 if version != self._mask_version:  # deletions changed meanwhile: redo (rare)
                     snap = self._with_global_masks(fresh)
                 self._snap = snap  # the swap
@@ -266,15 +270,19 @@ class LiveCatalogue:
                 self._built.notify_all()
 
     def wait_for(self, generation: int, timeout: float | None = None) -> bool:
-        """Block until the live trie covers `generation`. False on timeout."""
+        """Block until the live trie covers `generation`. False on timeout, or once closed."""
         with self._lock:
-            ok = self._built.wait_for(lambda: self._snap.generation >= generation or self._error is not None,
-                                      timeout)
+            self._built.wait_for(lambda: self._snap.generation >= generation or self._error is not None
+                                 or self._closed, timeout)
             if self._error is not None:
                 raise RuntimeError(f"the background trie build failed: {self._error!r}")
-            return ok
+            return self._snap.generation >= generation
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the builder (a build under way finishes first; nothing is swapped after close)."""
         with self._lock:
             self._closed = True
             self._built.notify_all()
+            builder = self._builder
+        if builder is not None and builder is not threading.current_thread():
+            builder.join(timeout)
