@@ -241,3 +241,16 @@ def test_pipeline_export_items_come_from_the_item_table():
     assert recs[0]["item_id"] == "1" and "OPI Nail Lacquer" in recs[0]["text"]
     assert recs[0]["attributes"] == {"categories": ["Beauty", "Makeup", "Nails"], "brand": ["OPI"]}
     assert recs[1]["attributes"] == {} and "Plain soap" in recs[1]["text"]
+
+
+def test_inserts_arriving_during_builds_are_coalesced_and_all_served(engine):
+    used = set(map(tuple, engine.sid_map.T.tolist()))
+    free = [s for s in ((a, b, c, d) for a in range(CARDS[0]) for b in range(CARDS[1])
+                        for c in range(CARDS[2]) for d in range(CARDS[3])) if s not in used][:12]
+    gens = [engine.add_items([f"n{k}"], torch.tensor([s]).T) for k, s in enumerate(free)]  # no waits
+    assert gens == sorted(gens) and len(set(gens)) == len(gens)
+    assert engine.catalogue.wait_for(gens[-1], 30) and engine.trie_generation >= gens[-1]
+    res = engine.recommend([[0]], N + 12, N + 12)
+    assert int(res.n_valid[0]) == N + 12
+    got = {engine.item_ids[i]: s for i, s in zip(res.items[0].tolist(), res.sids[0].tolist())}
+    assert all(got[f"n{k}"] == list(s) for k, s in enumerate(free))
