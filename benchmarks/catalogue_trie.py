@@ -179,7 +179,8 @@ def main() -> None:
         rows[f"search_during_rebuild_ms_nice{nice}"] = 1e3 * statistics.median(busy)
         cat.close()
 
-    print(f"catalogue: {n} items, cards {list(cards)}, first build {first_build:.2f} s, attribute index {index_s:.2f} s, "
+    print(f"catalogue: {n} items, cards {list(cards)}, first build {first_build:.2f} s, "
+          f"attribute index {index_s:.2f} s, "
           f"{args.threads} thread(s), beam {BEAM}, CPU reference path")
     for k, v in rows.items():
         print(f"  {k:<34} {v:>10.2f}" if not isinstance(v, bool) else f"  {k:<34} {v!s:>10}")

@@ -125,8 +125,3 @@ def clear_leaves(trie: PrefixTrie, levels: list[Tensor], leaves: Tensor, inplace
             break
     return out
 
-
-def shared(levels: list[Tensor], batch: int) -> LevelMasks:
-    """One mask row for every request of a batch (no copy)."""
-    rows = torch.zeros(batch, dtype=torch.int64, device=levels[0].device)
-    return LevelMasks([t if t.dim() == 2 else t[None] for t in levels], rows)

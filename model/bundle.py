@@ -107,9 +107,9 @@ def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, 
         _write_json(tmp / "item_ids.json", list(item_ids))
         _write_json(tmp / "metrics.json", metrics or {})
         if items is not None:
-            (tmp / "items.jsonl").write_text("".join(json.dumps({"item_id": r["item_id"], "text": r.get("text", ""),
-                                                                 "attributes": r.get("attributes") or {}},
-                                                                ensure_ascii=False) + "\n" for r in items))
+            lines = (json.dumps({"item_id": r["item_id"], "text": r.get("text", ""),
+                                 "attributes": r.get("attributes") or {}}, ensure_ascii=False) for r in items)
+            (tmp / "items.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         if report_dir is not None and Path(report_dir).is_dir():
             shutil.copytree(report_dir, tmp / "report")
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -231,5 +231,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bo
     item_ids = list(map(str, item_ids))
     attrs = texts = None
     if (path / "items.jsonl").is_file():
-        attrs, texts = _parse_items((path / "items.jsonl").read_text().splitlines(), item_ids, str(path / "items.jsonl"))
+        f = path / "items.jsonl"
+        # split on "\n" only: str.splitlines would also split inside a text holding U+2028
+        attrs, texts = _parse_items(f.read_text(encoding="utf-8").split("\n"), item_ids, str(f))
     return Bundle(path, config, mcfg, model, sid_map.to(torch.int64), item_ids, codebooks, metrics, attrs, texts)

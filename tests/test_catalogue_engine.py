@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from sidrec.model.beam_search import encode_histories
 from sidrec.model.bundle import BundleError, load_bundle, save_bundle
 from sidrec.model.engine import EngineOptions, RecommendEngine
-from test_decoding import CARDS, encode_histories, make_catalogue, make_model, teacher_forced_logp
+from test_decoding import CARDS, make_catalogue, make_model, teacher_forced_logp
 
 N = 40
 COLOURS = ("red", "green", "blue")
@@ -27,6 +28,7 @@ def bundle_path(tmp_path_factory):
     model = make_model("encoder_decoder", seed=11)
     sm = make_catalogue(N, seed=11)
     items = [{"item_id": f"i{i}", "text": f"item number {i}", "attributes": _attrs(i, sm)} for i in range(N)]
+    items[9]["text"] = "Crème \u2028 line\nbreak ✓"  # non-ASCII and line separators inside a text
     return save_bundle(tmp_path_factory.mktemp("cat") / "b", model, sm, [f"i{i}" for i in range(N)], items=items)
 
 
@@ -189,6 +191,7 @@ def test_attribute_update_never_moves_sid(engine):
 def test_bundle_items_round_trip(bundle_path):
     b = load_bundle(bundle_path)
     assert b.item_texts[4] == "item number 4" and b.item_attributes[4]["size"] == ["even", "any"]
+    assert b.item_texts[9] == "Crème \u2028 line\nbreak ✓"
     assert "items.jsonl" in b.config["files"]
 
 
