@@ -46,8 +46,12 @@ class AttributeIndex:
     def __init__(self, base: Sequence[Attributes | None] | None = None) -> None:
         self._items: dict[int, Attributes] = {}  # only items that have attributes
         self._base: dict[tuple[str, str], Tensor] = {}  # (name, value) -> sorted base item indices
-        self._changed: set[int] = set()  # items whose attributes were set after the base was indexed
-        self._overlay: dict[tuple[str, str], set[int]] = {}
+        n_base = len(base) if base else 0
+        self._changed_base = torch.zeros(n_base, dtype=torch.bool)  # base items set again at run time
+        self._any_changed = False
+        self._overlay: dict[tuple[str, str], set[int]] = {}  # run-time postings
+        self._overlay_t: dict[tuple[str, str], Tensor] = {}  # ... as tensors, rebuilt when they change
+        self._changed: set[int] = set()
         self._lock = threading.Lock()  # writers (set) against readers (matching) on other threads
         if base:
             self._index_base(base)
@@ -77,30 +81,34 @@ class AttributeIndex:
             for k, vals in old.items():
                 for v in vals:
                     self._overlay.get((k, v), set()).discard(item)
+                    self._overlay_t.pop((k, v), None)
         self._changed.add(item)
+        if item < self._changed_base.numel():
+            self._changed_base[item] = True
+            self._any_changed = True
         self._items[item] = attrs
         for k, vals in attrs.items():
             for v in vals:
                 self._overlay.setdefault((k, v), set()).add(item)
+                self._overlay_t.pop((k, v), None)
 
     def matching(self, name: str, values: Sequence[str]) -> Tensor:
-        """Item indices having attribute `name` with any of `values` (int64, may repeat)."""
+        """Item indices having attribute `name` with any of `values` (int64, may repeat).
+        Cost: O(the postings read), plus one bool gather over them when base items were reset."""
         with self._lock:
-            return self._matching(name, values)
-
-    def _matching(self, name: str, values: Sequence[str]) -> Tensor:
-        parts = []
-        changed = torch.tensor(sorted(self._changed), dtype=torch.int64) if self._changed else None
-        for v in values:
-            base = self._base.get((name, v))
-            if base is not None:
-                if changed is not None:  # an item set at run time is read from the overlay only
-                    base = base[~torch.isin(base, changed)]
-                parts.append(base)
-            extra = self._overlay.get((name, v))
-            if extra:
-                parts.append(torch.tensor(sorted(extra), dtype=torch.int64))
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+            parts = []
+            for v in values:
+                base = self._base.get((name, v))
+                if base is not None:
+                    if self._any_changed:  # an item set at run time is read from the overlay only
+                        base = base[~self._changed_base.index_select(0, base)]
+                    parts.append(base)
+                if self._overlay.get((name, v)):
+                    t = self._overlay_t.get((name, v))
+                    if t is None:
+                        t = self._overlay_t[(name, v)] = torch.tensor(list(self._overlay[(name, v)]), dtype=torch.int64)
+                    parts.append(t)
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
     def allowed(self, flt: Mapping[str, Sequence[str]], n_items: int) -> Tensor:
         """(n_items,) bool: the items passing the filter (AND over names, OR over values)."""

@@ -213,3 +213,22 @@ def test_batch_masks_share_the_global_row_and_both_backends_agree():
             if filters[r]:
                 assert index.get(i)["shade"][0] in filters[r]["shade"]
     cat.close()
+
+
+def test_attribute_index_overlay_against_brute_force():
+    from sidrec.model.attributes import AttributeIndex
+
+    g = torch.Generator().manual_seed(9)
+    vals = ["a", "b", "c"]
+    attrs = [{"k": [vals[int(x)]]} if int(x) < 3 else None for x in torch.randint(0, 4, (50,), generator=g)]
+    index = AttributeIndex(attrs)
+    truth = list(attrs) + [None] * 10
+    for step in range(40):  # base items and new items reset, some twice
+        i = int(torch.randint(0, 60, (1,), generator=g))
+        a = {"k": [vals[int(torch.randint(0, 3, (1,), generator=g))]], "z": ["1"]} if step % 5 else {}
+        index.set(i, a)
+        truth[i] = a
+        for flt in ({"k": ["a"]}, {"k": ["b", "c"]}, {"k": ["a"], "z": ["1"]}, {"q": ["a"]}):
+            want = torch.tensor([t is not None and all(any(v in t.get(n, []) for v in vs) for n, vs in flt.items())
+                                 for t in truth])
+            assert torch.equal(index.allowed(flt, 60), want), (step, flt)
