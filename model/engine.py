@@ -159,7 +159,9 @@ class RecommendEngine(CatalogueIds):
                   timeout: float | None = 60.0) -> int:
         """Insert new ids, or move existing ids to new SIDs (their old SID is retired at once).
 
-        sids: (L, n) int64. New ids get new internal indices (appended, never reused). Raises
+        sids: (L, n) int64. New ids get new internal indices (appended, never reused); an id given
+        the SID it already holds changes nothing (no rebuild). attributes: per item a dict that
+        replaces its attributes, or None to leave them as they are. Raises
         ValueError naming the id when a SID is held by another item (masked ones included: a
         deleted item keeps its SID so that it can be restored) or a code is outside the layout.
         Returns the trie generation that serves the items; wait=True returns once recommend()
@@ -170,11 +172,12 @@ class RecommendEngine(CatalogueIds):
         if attributes is not None:
             if len(attributes) != len(item_ids):
                 raise ValueError(f"got {len(attributes)} attribute dicts for {len(item_ids)} items")
-            checked = [check_attributes(a or {}, f"item {i!r}") for i, a in zip(item_ids, attributes)]
+            checked = [None if a is None else check_attributes(a, f"item {i!r}") for i, a in zip(item_ids, attributes)]
         gen, idx = self.catalogue.put(item_ids, sids)
         if checked is not None:
             for i, a in zip(idx, checked):
-                self.attributes.set(i, a)
+                if a is not None:  # None: leave the item's attributes as they are
+                    self.attributes.set(i, a)
         if wait and not self.catalogue.wait_for(gen, timeout):
             raise TimeoutError(f"trie generation {gen} not live after {timeout} s")
         return gen

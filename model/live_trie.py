@@ -151,8 +151,7 @@ class LiveCatalogue:
                 if own is not None and self.item_ids[own] != ids[j]:
                     raise ValueError(f"item {ids[j]!r}: SID {sids[:, j].tolist()} is already held by item "
                                      f"{self.item_ids[own]!r}")
-            self._rev += 1
-            rev, idx, moved, write = self._rev, [], False, []
+            rev, idx, moved, write = self._rev + 1, [], False, []
             for j, (iid, sid) in enumerate(zip(ids, map(tuple, sids.T.tolist()))):
                 i = self.index_of.get(iid)
                 if i is None:
@@ -169,11 +168,13 @@ class LiveCatalogue:
                 self._pending[sid] = i
                 idx.append(i)
                 write.append(j)
-            if write:  # one indexed write of every new or moved column
-                cols = torch.tensor([idx[j] for j in write], dtype=torch.int64)
-                self._sids[:, cols] = sids[:, write]
-                if self._dev_sids is not self._sids:
-                    self._dev_sids[:, cols.to(self.device)] = sids[:, write].to(self.device)
+            if not write:  # nothing new (a replay of SIDs already held): no revision, no rebuild
+                return self._rev, idx
+            self._rev = rev
+            cols = torch.tensor([idx[j] for j in write], dtype=torch.int64)  # one write of every new or moved column
+            self._sids[:, cols] = sids[:, write]
+            if self._dev_sids is not self._sids:
+                self._dev_sids[:, cols.to(self.device)] = sids[:, write].to(self.device)
             if moved:
                 self._mask_version += 1
                 self._snap = self._with_global_masks(self._snap)

@@ -177,6 +177,15 @@ def test_collisions_and_bad_codes_are_refused(engine):
         engine.add_items(["y"], torch.tensor([free]).T)
 
 
+def test_replayed_add_changes_nothing_and_none_attributes_are_kept(engine):
+    sid, gen = engine.item_sid("i4"), engine.trie_generation
+    before = engine.attributes_of("i4")
+    assert engine.add_items(["i4"], torch.tensor([sid]).T, [None], wait=True) == gen  # a log replay
+    assert engine.trie_generation == gen and engine.attributes_of("i4") == before
+    assert engine.add_items(["i4"], torch.tensor([sid]).T, [{"colour": ["x"]}]) == gen
+    assert engine.attributes_of("i4") == {"colour": ["x"]}
+
+
 def test_attribute_update_never_moves_sid(engine):
     sid, gen = engine.item_sid("i7"), engine.trie_generation
     assert engine.set_attributes(["i7", "ghost"], [{"colour": ["gold"]}, {}]) == ["ghost"]
