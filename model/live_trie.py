@@ -21,8 +21,9 @@ How:
   the lock, builds without it, and takes the lock only to swap the snapshot reference.
 - An update that moves an item's SID retires its old leaf at once (the live trie's global mask
   drops it); the new SID is served from the next snapshot.
-- `set_masked` (delete / restore) recomputes the live snapshot's global masks in place of the
-  old ones (a new snapshot object, same trie): immediate, no rebuild. The masks are recomputed
+- `set_masked` (delete / restore) replaces the live snapshot's global masks (a new snapshot
+  object, same trie): immediate, no rebuild. A deletion clears its leaves in a copy of the rows
+  and re-checks only their ancestors; a restore re-derives the rows from the leaves (O(N)). The masks are recomputed
   when deletions change, never per request; with nothing masked they are None and cost nothing.
 - A masked item keeps its SID (restore is an unmask), so `owner` still names it: its SID cannot
   be given to another item while it exists.
@@ -39,7 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from sidrec.kernels.level_mask import index_tensor, propagate
+from sidrec.kernels.level_mask import clear_leaves, index_tensor, propagate
 from sidrec.kernels.trie import PrefixTrie
 
 
@@ -200,9 +201,23 @@ class LiveCatalogue:
         if not items:
             return
         with self._lock:
-            self._deleted[torch.tensor(list(items), dtype=torch.int64)] = masked
+            idx = torch.tensor(list(items), dtype=torch.int64)
+            self._deleted[idx] = masked
             self._mask_version += 1
-            self._snap = self._with_global_masks(self._snap)
+            snap = self._snap
+            if not masked:  # a restore may revive whole prefixes: re-derive from the leaves, O(N)
+                self._snap = self._with_global_masks(snap)
+                return
+            # a deletion only clears bits: a copy of the rows with the leaves cleared and their
+            # ancestors re-checked (O(N) copy + O(deleted x branching)), not a re-derivation
+            idx = idx[idx < snap.n_items].to(self.device)
+            if idx.numel() == 0:
+                return
+            trie = snap.trie
+            base = snap.global_levels or [torch.ones(n, dtype=torch.bool, device=self.device)
+                                          for n in trie.num_states[1:] + [trie.num_items]]
+            levels = clear_leaves(trie, base, index_tensor(trie.item_leaf)[idx].long())
+            self._snap = replace(snap, global_levels=levels, leaf_valid=levels[-1])
 
     def is_masked(self, item: int) -> bool:
         return bool(self._deleted[item])

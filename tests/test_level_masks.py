@@ -232,3 +232,24 @@ def test_attribute_index_overlay_against_brute_force():
             want = torch.tensor([t is not None and all(any(v in t.get(n, []) for v in vs) for n, vs in flt.items())
                                  for t in truth])
             assert torch.equal(index.allowed(flt, 60), want), (step, flt)
+
+
+def test_incremental_deletions_equal_a_full_recompute():
+    from sidrec.model.live_trie import LiveCatalogue
+
+    g = torch.Generator().manual_seed(10)
+    cards = (5, 4, 3)
+    _, sm = random_trie(cards, 50, g)
+    cat = LiveCatalogue(sm, [f"i{i}" for i in range(50)], cards)
+    for step in range(12):
+        items = torch.randint(0, 50, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        cat.set_masked(items, masked=step % 4 != 3)  # mostly deletions, some restores
+        snap = cat.snapshot
+        full = cat._with_global_masks(snap)
+        if full.global_levels is None:
+            assert snap.global_levels is None or all(t.all() for t in snap.global_levels)
+            continue
+        for l, (a, b) in enumerate(zip(snap.global_levels, full.global_levels)):
+            assert torch.equal(a, b), (step, l)
+        assert torch.equal(snap.leaf_valid, full.leaf_valid)
+    cat.close()
