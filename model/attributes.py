@@ -53,6 +53,7 @@ class AttributeIndex:
         self._overlay: dict[tuple[str, str], set[int]] = {}  # run-time postings
         self._overlay_t: dict[tuple[str, str], Tensor] = {}  # ... as tensors, rebuilt when they change
         self._changed: set[int] = set()
+        self.version = 0  # bumped by every set: what a cache of filter masks keys on
         self._lock = threading.Lock()  # writers (set) against readers (matching) on other threads
         if base:
             self._index_base(base)
@@ -77,6 +78,7 @@ class AttributeIndex:
             self._set(item, attrs)
 
     def _set(self, item: int, attrs: Attributes) -> None:
+        self.version += 1
         old = self._items.get(item)
         if old is not None and item in self._changed:
             for k, vals in old.items():

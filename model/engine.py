@@ -24,7 +24,7 @@ from sidrec.model.attributes import AttributeIndex, check_attributes, check_filt
 from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
 from sidrec.model.bundle import Bundle, load_bundle
 from sidrec.model.live_trie import LiveCatalogue
-from sidrec.model.request_masks import batch_masks
+from sidrec.model.request_masks import FilterMaskCache, batch_masks
 
 
 def cpu_has_native_bf16() -> bool:
@@ -119,6 +119,7 @@ class RecommendEngine(CatalogueIds):
         self.item_ids = self.catalogue.item_ids  # grows with add_items (shared list)
         self.index_of = self.catalogue.index_of
         self.attributes = AttributeIndex(getattr(bundle, "item_attributes", None))
+        self.filter_masks = FilterMaskCache()  # propagated rows of recent filters (popular ones repeat)
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
         if self.options.backend == "onnx":
@@ -240,7 +241,7 @@ class RecommendEngine(CatalogueIds):
             raise ValueError(f"got {len(exclude)} exclusion lists for {B} histories")
         snap = self.catalogue.snapshot  # one consistent trie + masks for the whole request
         src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
-        masks = batch_masks(snap, self.attributes, B, exclude, filters)
+        masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
         with self._lock, torch.inference_mode(), self._autocast():
             return beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
                                top_n, beam_step=self.beam_step, masks=masks)

@@ -5,12 +5,16 @@ filter nor exclusions share the snapshot's precomputed global row (no copy, no w
 nothing is masked at all the batch carries no mask). A request with only exclusions gets a copy
 of the global row with its excluded leaves cleared and only their ancestors re-checked. A request
 with a filter gets its leaves from the attribute index (O(matching items) through item_leaf),
-AND the global leaves, minus its exclusions, propagated bottom-up (O(N)). Memory per request:
-one row, sum_l S_{l+1} <= L * N bytes, whatever the number of beams or excluded items.
+AND the global leaves, propagated bottom-up (O(N)), then its exclusions cleared as above. A
+`FilterMaskCache` keeps the propagated rows of recent filters (keyed by the filter, valid for one
+snapshot and one attribute version), so a popular filter costs a row copy instead. Memory per
+request: one row, sum_l S_{l+1} <= L * N bytes, whatever the number of beams or excluded items.
 What it is not: the kernel side (beam_step_*) or the catalogue's bookkeeping (live_trie.py).
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Mapping, Sequence
 
 import torch
@@ -35,6 +39,48 @@ def filter_leaves(snap: TrieSnapshot, index: AttributeIndex, flt: Mapping[str, S
     return ok
 
 
+class FilterMaskCache:
+    """LRU of propagated filter rows for the current snapshot and attribute version (the whole
+    cache is dropped when either changes: deletions, a swap, an attribute update)."""
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+        self._snap: TrieSnapshot | None = None
+        self._version = -1
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def rows(self, snap: TrieSnapshot, index: AttributeIndex, flt: Mapping[str, Sequence[str]]) -> list[Tensor]:
+        """Per level (S_{l+1},) bool for the filter AND the global mask. Shared: never modify."""
+        key = tuple(sorted((k, tuple(sorted(set(v)))) for k, v in flt.items()))
+        version = index.version
+        with self._lock:
+            if self._snap is not snap or self._version != version:
+                self._entries.clear()
+                self._snap, self._version = snap, version
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        rows = _filter_rows(snap, index, flt)
+        with self._lock:
+            if self._snap is snap and self._version == version and self.max_entries > 0:
+                self._entries[key] = rows
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return rows
+
+
+def _filter_rows(snap: TrieSnapshot, index: AttributeIndex, flt: Mapping[str, Sequence[str]]) -> list[Tensor]:
+    leaf_ok = filter_leaves(snap, index, flt)
+    if snap.leaf_valid is not None:
+        leaf_ok &= snap.leaf_valid
+    return [t[0] for t in propagate(snap.trie, leaf_ok)]
+
+
 def _excluded_leaves(snap: TrieSnapshot, items: Sequence[int]) -> Tensor:
     ids = torch.as_tensor(list(items), dtype=torch.int64)
     ids = ids[(ids >= 0) & (ids < snap.n_items)].to(snap.trie.device)  # not in this trie: nothing to clear
@@ -43,7 +89,8 @@ def _excluded_leaves(snap: TrieSnapshot, items: Sequence[int]) -> Tensor:
 
 def batch_masks(snap: TrieSnapshot, index: AttributeIndex, batch: int,
                 exclude: Sequence[Sequence[int]] | None = None,
-                filters: Sequence[Mapping[str, Sequence[str]] | None] | None = None) -> LevelMasks | None:
+                filters: Sequence[Mapping[str, Sequence[str]] | None] | None = None,
+                cache: FilterMaskCache | None = None) -> LevelMasks | None:
     """LevelMasks for `batch` requests, or None when nothing at all is masked."""
     trie = snap.trie
     device = trie.device
@@ -68,17 +115,12 @@ def batch_masks(snap: TrieSnapshot, index: AttributeIndex, batch: int,
             t[0] = src
     for r, b in enumerate(own, start=int(shared_row)):
         rows[b] = r
-        leaves = _excluded_leaves(snap, exclude[b])
         if filters[b] is not None:
-            leaf_ok = filter_leaves(snap, index, filters[b])
-            if snap.leaf_valid is not None:
-                leaf_ok &= snap.leaf_valid
-            leaf_ok[leaves] = False
-            row = propagate(trie, leaf_ok)
-            for t, src in zip(levels, row):
-                t[r] = src[0]
+            start = cache.rows(snap, index, filters[b]) if cache is not None else _filter_rows(snap, index, filters[b])
         else:
-            for t, src in zip(levels, base_levels):
-                t[r] = src
-            clear_leaves(trie, [t[r] for t in levels], leaves, inplace=True)
+            start = base_levels
+        for t, src in zip(levels, start):
+            t[r] = src
+        if len(exclude[b]):
+            clear_leaves(trie, [t[r] for t in levels], _excluded_leaves(snap, exclude[b]), inplace=True)
     return LevelMasks(levels, rows.to(device))

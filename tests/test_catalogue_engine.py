@@ -266,3 +266,21 @@ def test_inserts_arriving_during_builds_are_coalesced_and_all_served(engine):
     assert int(res.n_valid[0]) == N + 12
     got = {engine.item_ids[i]: s for i, s in zip(res.items[0].tolist(), res.sids[0].tolist())}
     assert all(got[f"n{k}"] == list(s) for k, s in enumerate(free))
+
+
+def test_filter_mask_cache_hits_and_invalidates(engine):
+    flt = [{"size": ["odd"]}]
+    first = engine.recommend([[1]], 8, 4, filters=flt)
+    again = engine.recommend([[1]], 8, 4, filters=[{"size": ["odd", "odd"]}])  # the same filter, spelled twice
+    assert torch.equal(first.items, again.items) and engine.filter_masks.hits >= 1
+    top = engine.item_ids[int(first.items[0, 0])]
+    engine.set_masked([top])  # a deletion: the cached rows belong to the old snapshot
+    after = engine.recommend([[1]], 8, 4, filters=flt)
+    assert top not in [engine.item_ids[i] for i in after.items[0].tolist()] and int(after.n_valid[0]) == 4
+    second = engine.item_ids[int(after.items[0, 0])]
+    engine.set_attributes([second], [{"size": ["even"]}])  # an attribute update: the version moves
+    later = engine.recommend([[1]], 8, 4, filters=flt)
+    assert second not in [engine.item_ids[i] for i in later.items[0].tolist()]
+    excl = engine.recommend([[1]], 8, 4, exclude=[[int(later.items[0, 0])]], filters=flt)  # cached rows + exclusions
+    assert excl.items[0, :3].tolist() == later.items[0, 1:].tolist()
+    assert torch.equal(engine.recommend([[1]], 8, 4, filters=flt).items, later.items)  # the cached rows are intact
