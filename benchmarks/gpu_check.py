@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from sidrec.kernels.beam_step_ref import beam_step_reference  # noqa: E402
+from sidrec.kernels.level_mask import propagate  # noqa: E402
 from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
 
 HISTORY = 20  # items per request history
@@ -122,10 +123,9 @@ def kernel_check(device: torch.device, dry: bool) -> dict:
         scores = torch.where(states >= 0, -torch.rand(B, K, generator=g) * 10, torch.full((B, K), float("-inf")))
         states, scores = states.to(device), scores.to(device)
         widths = torch.randint(1, K + 1, (B,), generator=g).to(device) if B > 1 else None
-        last = level == trie.num_levels - 1
-        excl = torch.randint(-1, n, (B, 20), generator=g).to(device) if last else None
-        mask = (torch.rand(n, generator=g) < 0.05).to(device) if last else None
-        args = (logits, scores, states, level, trie, K, widths, excl, mask)
+        # per-request level masks (deletions + exclusions: 5% of the leaves), pruned at every level
+        child_valid = propagate(trie, (torch.rand(B, n, generator=g) >= 0.05).to(device))[level]
+        args = (logits, scores, states, level, trie, K, widths, child_valid)
         ref, got = beam_step_reference(*args), beam_step_triton(*args)
         same_n = bool(torch.equal(ref.n_valid, got.n_valid))
         fin = torch.isfinite(ref.scores)

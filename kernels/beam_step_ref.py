@@ -13,8 +13,12 @@ gathered through the dense table. Dead beams carry score -inf and state -1.
 Fill rule: when fewer than k_out candidates are valid, the tail of the output has score -inf,
 parent 0, code 0 and state -1, and `n_valid[b]` says how many leading entries are real.
 Per-request beam widths: entries at positions >= beam_widths[b] are filled the same way.
-Exclusion (last level only): a candidate whose leaf is masked globally (`leaf_mask`) or listed
-in the request's `exclude_leaves` (B, E; -1 padding) is invalid.
+Masks (every level, `level_mask.py`): `child_valid` (R, S_{l+1}) says which states of level l+1
+(leaves at the last level) still have an allowed leaf below them, `mask_rows` (B,) which row each
+request reads (None: row b when R == B, row 0 when R == 1). A child whose bit is false is invalid,
+so a beam never enters a prefix with nothing allowed under it. Cost per request: one O(1) read per
+candidate; memory: the rows, bounded by the catalogue (no batch x beam x branching x excluded).
+Fail closed: a state outside [0, S_l) is dead (as -1 is), a dense entry of -1 is no child.
 
 Top-k: the order is that of a stable descending sort of the flat (B, K * W) candidates. It is
 computed as torch.topk over distinct int64 keys `ordered(score) << 32 | (2^32 - 1 - flat)`
@@ -57,14 +61,35 @@ class StepOutput:
     n_valid: Tensor  # (B,) int64
 
 
+def resolve_mask_rows(child_valid: Tensor | None, mask_rows: Tensor | None, B: int, level: int,
+                      trie: PrefixTrie) -> Tensor | None:
+    """Checks a level's mask against the trie and the batch; returns (B,) int64 rows (or None)."""
+    if child_valid is None:
+        return None
+    S_next = trie.num_items if level == trie.num_levels - 1 else trie.num_states[level + 1]
+    if child_valid.dim() != 2 or child_valid.shape[1] != S_next:
+        raise ValueError(f"child_valid at level {level} must be (R, {S_next}) (one bit per state of level "
+                         f"{level + 1}), got shape {tuple(child_valid.shape)}")
+    R = child_valid.shape[0]
+    if mask_rows is None:
+        if R not in (1, B):
+            raise ValueError(f"child_valid has {R} rows for {B} requests: pass mask_rows (B,)")
+        return torch.arange(B, device=child_valid.device) if R == B and R > 1 else \
+            torch.zeros(B, dtype=torch.int64, device=child_valid.device)
+    if tuple(mask_rows.shape) != (B,):
+        raise ValueError(f"mask_rows must be (B,) = ({B},), got {tuple(mask_rows.shape)}")
+    return mask_rows.to(torch.int64)
+
+
 def candidates(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie: PrefixTrie,
-               exclude_leaves: Tensor | None = None, leaf_mask: Tensor | None = None
+               child_valid: Tensor | None = None, mask_rows: Tensor | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
     """Scored candidates. Returns cand (B, K, W) float32, code (B, K, W), child state (B, K, W)."""
     B, K, V = logits.shape
+    rows = resolve_mask_rows(child_valid, mask_rows, B, level, trie)
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
-    alive = states >= 0
-    s = states.clamp(min=0)
+    alive = (states >= 0) & (states < trie.num_states[level])  # fail closed: unknown states are dead
+    s = torch.where(alive, states, torch.zeros_like(states))
     dense = trie.dense[level]
     if dense is not None:
         child = dense[s].long()  # (B, K, V)
@@ -80,13 +105,8 @@ def candidates(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie:
         code = trie.codes[level][child.clamp(min=0)].long()
         lp = torch.gather(logp, 2, code)
     valid = (child >= 0) & alive[..., None]
-    if level == trie.num_levels - 1:
-        leaf = child.clamp(min=0)
-        if leaf_mask is not None:
-            valid &= ~leaf_mask[leaf]
-        if exclude_leaves is not None and exclude_leaves.numel():
-            hit = (leaf[..., None] == exclude_leaves[:, None, None, :]).any(-1)  # (B, K, W)
-            valid &= ~hit
+    if rows is not None:  # (B, K, W) reads of each request's row: no per-exclusion expansion
+        valid &= child_valid[rows[:, None, None], child.clamp(min=0)]
     cand = torch.where(valid, scores[..., None].float() + lp, torch.full_like(lp, NEG_INF))
     child = torch.where(valid, child, torch.full_like(child, -1))
     return cand, code, child
@@ -94,11 +114,12 @@ def candidates(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie:
 
 def beam_step_reference(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie: PrefixTrie,
                         k_out: int, beam_widths: Tensor | None = None,
-                        exclude_leaves: Tensor | None = None, leaf_mask: Tensor | None = None
+                        child_valid: Tensor | None = None, mask_rows: Tensor | None = None
                         ) -> StepOutput:
-    """logits (B, K, V) for level `level`; scores (B, K); states (B, K). See module docstring."""
+    """logits (B, K, V) for level `level`; scores (B, K); states (B, K); child_valid (R, S_{l+1})
+    bool and mask_rows (B,): the level's mask (see module docstring)."""
     B, K, _ = logits.shape
-    cand, code, child = candidates(logits, scores, states, level, trie, exclude_leaves, leaf_mask)
+    cand, code, child = candidates(logits, scores, states, level, trie, child_valid, mask_rows)
     W = cand.shape[2]
     flat = cand.reshape(B, K * W)
     k = min(k_out, K * W)

@@ -7,6 +7,7 @@ launches and no host synchronisation (so it can sit inside a captured CUDA graph
        m, s       = max_v x[k, v],  sum_v exp(x[k, v] - m)     online over V in BLOCK_V chunks:
                     m' = max(m, max_v x),  s' = s * exp(m - m') + sum_v exp(x - m')
        cand[k, j] = scores[k] + ((x[k, code(k, j)] - m) - log s)   for the valid children j only
+   A child whose bit in the request's mask row is 0 (no allowed leaf below it) is no candidate.
    Dense levels read child = dense[state, j] for j < V; CSR levels read the children
    row_ptr[state] .. row_ptr[state + 1] and gather the logits of their codes, so a CSR level
    costs K x max_children, not K x V. The candidate is written as one int64 sort key
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sidrec.kernels.beam_step_ref import StepOutput
+from sidrec.kernels.beam_step_ref import StepOutput, resolve_mask_rows
 from sidrec.kernels.trie import PrefixTrie
 
 LOW32: tl.constexpr = tl.constexpr(0xFFFFFFFF)  # a key's index field is LOW32 - flat: lower flat first
@@ -48,11 +49,10 @@ def _beam_candidates_kernel(
     logits_ptr, logits_b_stride, logits_k_stride,  # (B, K, V), last dim contiguous
     scores_ptr, states_ptr,  # (B, K) float32 / int64, contiguous
     dense_ptr, row_ptr_ptr, codes_ptr,  # trie level: (S, V) int32 table, or CSR (S + 1,), (S',)
-    leaf_mask_ptr,  # (N,) uint8, 1 = leaf never returned (last level only)
-    excl_ptr, excl_row_stride, n_excl,  # (B, E) int64 leaves to skip, -1 padding
+    valid_ptr, valid_row_stride, rows_ptr,  # (R, S_{l+1}) uint8 child-state mask; (B,) int64 row per request
     keys_ptr,  # (B, K * W) int64 out
-    K, n_cols, W,  # beams, codebook size V, candidates per beam (V if dense else max_children)
-    IS_DENSE: tl.constexpr, HAS_LEAF_MASK: tl.constexpr, HAS_EXCL: tl.constexpr,
+    K, n_cols, W, n_states,  # beams, codebook size V, candidates per beam (V if dense else max_children), S_l
+    IS_DENSE: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -81,12 +81,14 @@ def _beam_candidates_kernel(
 
     # ---- valid children of each beam, scored -------------------------------------------------
     state = tl.load(states_ptr + pid_b * K + rows, mask=row_ok, other=-1)
-    alive = row_ok & (state >= 0)
+    alive = row_ok & (state >= 0) & (state < n_states)  # fail closed: an unknown state is dead
     st = tl.maximum(state, 0).to(tl.int64)
     score = tl.load(scores_ptr + pid_b * K + rows, mask=row_ok, other=float("-inf")).to(tl.float32)
     if not IS_DENSE:
         lo = tl.load(row_ptr_ptr + st, mask=alive, other=0).to(tl.int64)
         hi = tl.load(row_ptr_ptr + st + 1, mask=alive, other=0).to(tl.int64)
+    if HAS_MASK:
+        valid_row = valid_ptr + tl.load(rows_ptr + pid_b) * valid_row_stride
     key_row = keys_ptr + pid_b * K * W + rows.to(tl.int64)[:, None] * W  # (BLOCK_K, 1)
     for j0 in range(0, W, BLOCK_W):
         j = j0 + tl.arange(0, BLOCK_W)
@@ -100,11 +102,8 @@ def _beam_candidates_kernel(
             child = lo[:, None] + j[None, :]
             ok = alive[:, None] & (child < hi[:, None]) & j_ok[None, :]
             code = tl.load(codes_ptr + child, mask=ok, other=0).to(tl.int64)
-        if HAS_LEAF_MASK:
-            ok = ok & (tl.load(leaf_mask_ptr + child, mask=ok, other=1) == 0)
-        if HAS_EXCL:
-            for e in range(0, n_excl):
-                ok = ok & (child != tl.load(excl_ptr + pid_b * excl_row_stride + e))
+        if HAS_MASK:  # one byte per candidate: does the child still lead to an allowed leaf?
+            ok = ok & (tl.load(valid_row + child, mask=ok, other=0) != 0)
         x = tl.load(logits_ptr + row_off[:, None] + code, mask=ok, other=float("-inf")).to(tl.float32)
         logp = (x - m[:, None]) - log_s[:, None]
         cand = tl.where(ok, score[:, None] + logp, float("-inf")) + 0.0  # + 0.0: -0.0 -> +0.0
@@ -161,7 +160,7 @@ def _empty_output(B: int, k_out: int, device: torch.device) -> StepOutput:
 
 def beam_step_triton(logits: Tensor, scores: Tensor, states: Tensor, level: int, trie: PrefixTrie,
                      k_out: int, beam_widths: Tensor | None = None,
-                     exclude_leaves: Tensor | None = None, leaf_mask: Tensor | None = None
+                     child_valid: Tensor | None = None, mask_rows: Tensor | None = None
                      ) -> StepOutput:
     """logits (B, K, V) for level `level`; scores (B, K); states (B, K). See `beam_step_ref`."""
     if logits.dim() != 3:
@@ -181,18 +180,17 @@ def beam_step_triton(logits: Tensor, scores: Tensor, states: Tensor, level: int,
     W = V if dense is not None else max(1, trie.max_children[level])
     if K * W >= 2 ** 32:
         raise ValueError(f"K * W = {K * W} candidates per request exceed the 32-bit key index")
-    is_last = level == trie.num_levels - 1
-    has_mask = is_last and leaf_mask is not None
-    has_excl = is_last and exclude_leaves is not None and exclude_leaves.numel() > 0
+    rows = resolve_mask_rows(child_valid, mask_rows, B, level, trie)
     if logits.stride(2) != 1:
         logits = logits.contiguous()
     scores = scores.to(torch.float32).contiguous()
     states = states.to(torch.int64).contiguous()
     row_ptr, codes = trie.row_ptr[level], trie.codes[level]
     dummy = row_ptr  # placeholder for pointers a constexpr branch never reads
-    mask_u8 = leaf_mask.to(torch.uint8).contiguous() if has_mask else dummy
-    excl = exclude_leaves.to(torch.int64).contiguous() if has_excl else states
-    n_excl = int(excl.shape[1]) if has_excl else 0
+    if rows is not None:
+        valid = child_valid if child_valid.stride(1) == 1 else child_valid.contiguous()
+        valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
+        rows = rows.contiguous()
 
     # Launcher: one program per (request, BLOCK_K beams); tiles of ~TILE elements.
     BLOCK_V = min(triton.next_power_of_2(V), 1024)
@@ -201,9 +199,10 @@ def beam_step_triton(logits: Tensor, scores: Tensor, states: Tensor, level: int,
     keys = torch.empty(B, K * W, dtype=torch.int64, device=device)
     _beam_candidates_kernel[(B, triton.cdiv(K, BLOCK_K))](
         logits, logits.stride(0), logits.stride(1), scores, states,
-        dense if dense is not None else dummy, row_ptr, codes, mask_u8,
-        excl, excl.stride(0), n_excl, keys, K, V, W,
-        IS_DENSE=dense is not None, HAS_LEAF_MASK=has_mask, HAS_EXCL=has_excl,
+        dense if dense is not None else dummy, row_ptr, codes,
+        valid if rows is not None else dummy, valid.stride(0) if rows is not None else 0,
+        rows if rows is not None else states, keys, K, V, W, trie.num_states[level],
+        IS_DENSE=dense is not None, HAS_MASK=rows is not None,
         BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, BLOCK_W=BLOCK_W,
     )
     n_top = min(k_out, K * W)

@@ -119,7 +119,8 @@ class PrefixTrie:
                 raise ValueError(f"sid_map level {l} has codes in [{lo}, {hi}], outside [0, {cards[l]}) "
                                  f"(first offending item index {bad}, code {int(sid_map[l, bad])})")
         order = _sid_order(sid_map, cards)
-        ssid = sid_map[:, order]  # (L, N) in SID order
+        # index_select, not sid_map[:, order]: the advanced-index gather along dim 1 is ~3x slower
+        ssid = sid_map.index_select(1, order)  # (L, N) in SID order
         del sid_map
         # new_prefix[i]: sorted item i starts a new (l+1)-prefix; grows level by level (OR of diffs)
         new_prefix = torch.zeros(N, dtype=torch.bool)
@@ -131,14 +132,14 @@ class PrefixTrie:
                 new_prefix[1:] |= ssid[l, 1:] != ssid[l, :-1]
             parent_state = torch.cumsum(parent_new, 0, dtype=torch.int64) - 1  # (N,) l-prefix id
             child_first = new_prefix.nonzero().squeeze(1)  # first sorted item of each (l+1)-prefix
-            child_parent = parent_state[child_first]
+            child_parent = parent_state.index_select(0, child_first)
             del parent_state
             S_l = int(child_parent[-1]) + 1
             counts = torch.bincount(child_parent, minlength=S_l)
             idx_dtype = _index_dtype(child_first.numel())
             rp = torch.zeros(S_l + 1, dtype=idx_dtype)
             rp[1:] = torch.cumsum(counts, 0)
-            c = ssid[l, child_first]
+            c = ssid[l].index_select(0, child_first)
             row_ptr.append(rp)
             codes.append(c.to(_code_dtype(cards[l])))
             maxc.append(int(counts.max()))
@@ -162,7 +163,7 @@ class PrefixTrie:
                                  f"{ssid[:, i].tolist()}; add or fix the de-duplication level")
         leaf_item = order.to(_index_dtype(N))
         item_leaf = torch.empty(N, dtype=leaf_item.dtype)
-        item_leaf[order] = torch.arange(N, dtype=leaf_item.dtype)
+        item_leaf.index_copy_(0, order, torch.arange(N, dtype=leaf_item.dtype))
         return cls(cards, row_ptr, codes, dense, maxc, leaf_item, item_leaf)
 
     def to(self, device: torch.device | str) -> "PrefixTrie":
@@ -189,8 +190,12 @@ class PrefixTrie:
     def lookup(self, sids: Tensor) -> Tensor:
         """sids (..., L) -> internal item index (...), -1 where the SID is not in the catalogue.
 
-        Codes outside a level's range simply match nothing.
+        Codes outside a level's range simply match nothing (fail closed: an unknown prefix names
+        no item). Non-integer codes are refused rather than truncated into a real code.
         """
+        sids = torch.as_tensor(sids)
+        if sids.is_floating_point() or sids.is_complex() or sids.dtype == torch.bool:
+            raise ValueError(f"SIDs must hold integer codes, got dtype {sids.dtype}")
         if sids.shape[-1] != self.num_levels:
             raise ValueError(f"SIDs must have {self.num_levels} codes in the last dimension, "
                              f"got shape {tuple(sids.shape)}")

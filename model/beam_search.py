@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sidrec.kernels.beam_step_ref import StepOutput, beam_step_reference
+from sidrec.kernels.level_mask import LevelMasks, clear_leaves, propagate
 from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.config import BOS_ID, PAD_ID
 
@@ -66,12 +67,42 @@ def encode_histories(histories: Sequence[Sequence[int]], sid_map: Tensor, offset
     return src.to(device), mask.to(device)
 
 
+def masks_from_exclusions(trie: PrefixTrie, B: int, exclude_items: Tensor | None = None,
+                          item_mask: Tensor | None = None, leaf_mask: Tensor | None = None) -> LevelMasks | None:
+    """Level masks from a global item (or leaf-order) mask and (B, E) per-request excluded items.
+
+    One shared row when no request excludes anything, else one row per request: memory
+    B x (sum of states) bytes at most, whatever E is. Excluded indices outside [0, N) are an error.
+    """
+    device = trie.device
+    N = trie.num_items
+    if leaf_mask is None and item_mask is not None:
+        if item_mask.shape != (N,):
+            raise ValueError(f"item_mask must be ({N},), got {tuple(item_mask.shape)}")
+        leaf_mask = item_mask.to(device).index_select(0, trie.leaf_item.long())
+    has_ex = exclude_items is not None and exclude_items.numel() > 0 and bool((exclude_items >= 0).any())
+    if leaf_mask is None and not has_ex:
+        return None
+    base = propagate(trie, torch.ones(N, dtype=torch.bool, device=device) if leaf_mask is None
+                     else ~leaf_mask.to(device=device, dtype=torch.bool))
+    if not has_ex:
+        return LevelMasks(base, torch.zeros(B, dtype=torch.int64, device=device))
+    ex = exclude_items.to(device=device, dtype=torch.int64)
+    if int(ex.max()) >= N:
+        raise ValueError(f"exclude_items holds item index {int(ex.max())}, outside the catalogue's {N} items")
+    leaves = torch.where(ex >= 0, trie.item_leaf.long()[ex.clamp(min=0)], torch.full_like(ex, -1))
+    per_row = [clear_leaves(trie, [t[0] for t in base], leaves[b]) for b in range(B)]
+    levels = [torch.stack([r[l] for r in per_row]) for l in range(trie.num_levels)]
+    return LevelMasks(levels, torch.arange(B, device=device))
+
+
 @torch.no_grad()
 def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
                 beam_width: int | Sequence[int], top_n: int,
                 exclude_items: Tensor | None = None, item_mask: Tensor | None = None,
                 leaf_mask: Tensor | None = None,
-                beam_step: Callable[..., StepOutput] = beam_step_reference) -> BeamResult:
+                beam_step: Callable[..., StepOutput] = beam_step_reference,
+                masks: LevelMasks | None = None) -> BeamResult:
     """Top-`top_n` valid items for each history by beam search over the SID levels.
 
     src, src_mask: (B, T) from `encode_histories`. beam_width: one int, or one per request
@@ -80,6 +111,9 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
     item_mask: (N,) bool over internal items, True = never returned (deleted, out of stock).
     leaf_mask: the same mask already in the trie's leaf order (what a long-lived caller keeps);
     it takes the place of item_mask and saves the per-call gather over the catalogue.
+    masks: level-wise masks prepared by the caller (`kernels.level_mask`), in place of the three
+    above. Whichever form is given, every level is pruned: a beam never enters a prefix with no
+    allowed item below it, so a request gets top_n items whenever top_n are allowed and reachable.
     Returns `BeamResult`; a request with fewer than top_n reachable items gets -1/-inf fill.
     """
     B = src.shape[0]
@@ -94,12 +128,10 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
     device = src.device
     L = trie.num_levels
     width_t = None if min(widths) == K else torch.tensor(widths, device=device)
-    exclude_leaves = None
-    if exclude_items is not None and exclude_items.numel():
-        ex = exclude_items.to(device=device, dtype=torch.int64)
-        exclude_leaves = torch.where(ex >= 0, trie.item_leaf.long()[ex.clamp(min=0)], torch.full_like(ex, -1))
-    if leaf_mask is None and item_mask is not None:
-        leaf_mask = item_mask.to(device)[trie.leaf_item.long()]
+    if masks is None:
+        masks = masks_from_exclusions(trie, B, exclude_items, item_mask, leaf_mask)
+    elif tuple(masks.rows.shape) != (B,):
+        raise ValueError(f"masks.rows must be (B,) = ({B},), got {tuple(masks.rows.shape)}")
 
     prefix = model.prefill(src, src_mask)
     src_len = src_mask.sum(1)
@@ -119,8 +151,7 @@ def beam_search(model: Decoder, trie: PrefixTrie, src: Tensor, src_mask: Tensor,
         else:
             k_out = top_n
         out = beam_step(logits, scores, states, level, trie, k_out, width_t,
-                        exclude_leaves if level == L - 1 else None,
-                        leaf_mask if level == L - 1 else None)
+                        None if masks is None else masks.levels[level], None if masks is None else masks.rows)
         idx = out.parents[..., None].expand(-1, -1, codes_hist.shape[2])
         codes_hist = torch.cat([torch.gather(codes_hist, 1, idx), out.codes[..., None]], dim=2)
         scores, states = out.scores, out.states

@@ -3,7 +3,10 @@
 A bundle holds `config.json` (model hyper-parameters, SID layout, format version, dataset
 fingerprint, creation time, evaluation summary, and the sha256 of every file), `model.safetensors`,
 `sid_map.safetensors` (PID->SID, int64 [L, N]), `codebooks.safetensors` (quantizer centroids),
-`item_ids.json` (internal index -> external id), `metrics.json` and an optional `report/` folder.
+`item_ids.json` (internal index -> external id), `metrics.json`, an optional `report/` folder,
+and an optional `items.jsonl`: one JSON object per line, {"item_id", "text", "attributes"} for
+the base items (attributes: name -> list of strings), so filters work on day one and a new model
+can re-quantize the items' text. Bundles without it load with no attributes and no text.
 
 Weights are safetensors only: a bundle never contains a pickle. A bundle is written into a
 temporary sibling directory and renamed into place when complete; loading verifies every
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sidrec.model.attributes import check_attributes
 from sidrec.model.config import ModelConfig
 from sidrec.model.transformer import SIDTransformer
 
@@ -46,6 +50,8 @@ class Bundle:
     item_ids: list[str]
     codebooks: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    item_attributes: list[dict[str, list[str]] | None] | None = None  # per internal index, from items.jsonl
+    item_texts: list[str | None] | None = None
 
     @property
     def version(self) -> str:
@@ -71,8 +77,11 @@ def _write_json(path: Path, obj: Any) -> None:
 def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, item_ids: list[str],
                 codebooks: dict[str, torch.Tensor] | None = None, metrics: dict[str, Any] | None = None,
                 extra_config: dict[str, Any] | None = None, report_dir: str | Path | None = None,
-                overwrite: bool = False) -> Path:
-    """Write a complete bundle at `path` atomically (temp dir + rename). Returns the path."""
+                overwrite: bool = False, items: list[dict[str, Any]] | None = None) -> Path:
+    """Write a complete bundle at `path` atomically (temp dir + rename). Returns the path.
+
+    items: optional base-item records {"item_id", "text", "attributes"} written as items.jsonl
+    (validated first: every id must be in item_ids, once)."""
     path = Path(path)
     sid_map = torch.as_tensor(sid_map).to(torch.int64).cpu().contiguous()
     cfg = model.cfg
@@ -82,6 +91,8 @@ def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, 
         raise BundleError(f"sid_map has {sid_map.shape[1]} items but item_ids has {len(item_ids)}")
     if len(set(item_ids)) != len(item_ids):
         raise BundleError("item_ids contains duplicates")
+    if items is not None:
+        _parse_items([json.dumps(r) for r in items], item_ids, "items")  # refuse what load would refuse
     if path.exists() and not overwrite:
         raise BundleError(f"bundle path {path} already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +106,10 @@ def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, 
                   or {"empty": torch.zeros(0)}, str(tmp / "codebooks.safetensors"))
         _write_json(tmp / "item_ids.json", list(item_ids))
         _write_json(tmp / "metrics.json", metrics or {})
+        if items is not None:
+            lines = (json.dumps({"item_id": r["item_id"], "text": r.get("text", ""),
+                                 "attributes": r.get("attributes") or {}}, ensure_ascii=False) for r in items)
+            (tmp / "items.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         if report_dir is not None and Path(report_dir).is_dir():
             shutil.copytree(report_dir, tmp / "report")
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -119,6 +134,44 @@ def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _parse_items(lines: list[str], item_ids: list[str], where: str
+                 ) -> tuple[list[dict[str, list[str]] | None], list[str | None]]:
+    """items.jsonl lines -> (attributes, texts) per internal index. BundleError naming the line."""
+    index = {iid: i for i, iid in enumerate(item_ids)}
+    attrs: list[dict[str, list[str]] | None] = [None] * len(item_ids)
+    texts: list[str | None] = [None] * len(item_ids)
+    seen: set[str] = set()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{where} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise BundleError(f"{where} line {n}: must be a JSON object, got {type(rec).__name__}")
+        extra = set(rec) - {"item_id", "text", "attributes"}
+        if extra:
+            raise BundleError(f"{where} line {n}: unknown fields {sorted(extra)}")
+        iid = rec.get("item_id")
+        if not isinstance(iid, str):
+            raise BundleError(f"{where} line {n}: item_id must be a string, got {iid!r}")
+        if iid not in index:
+            raise BundleError(f"{where} line {n}: item_id {iid!r} is not in item_ids.json")
+        if iid in seen:
+            raise BundleError(f"{where} line {n}: item_id {iid!r} appears twice")
+        seen.add(iid)
+        text = rec.get("text", "")
+        if not isinstance(text, str):
+            raise BundleError(f"{where} line {n}: text must be a string, got {type(text).__name__}")
+        try:
+            a = check_attributes(rec.get("attributes") or {}, f"{where} line {n}")
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        attrs[index[iid]], texts[index[iid]] = a, text
+    return attrs, texts
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -175,4 +228,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bo
     if (path / "codebooks.safetensors").is_file():
         codebooks = {k: v for k, v in load_file(str(path / "codebooks.safetensors")).items() if k != "empty"}
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
-    return Bundle(path, config, mcfg, model, sid_map.to(torch.int64), list(map(str, item_ids)), codebooks, metrics)
+    item_ids = list(map(str, item_ids))
+    attrs = texts = None
+    if (path / "items.jsonl").is_file():
+        f = path / "items.jsonl"
+        # split on "\n" only: str.splitlines would also split inside a text holding U+2028
+        attrs, texts = _parse_items(f.read_text(encoding="utf-8").split("\n"), item_ids, str(f))
+    return Bundle(path, config, mcfg, model, sid_map.to(torch.int64), item_ids, codebooks, metrics, attrs, texts)

@@ -1,7 +1,9 @@
 """RecommendEngine: a loaded bundle ready to decode on one device. No web framework in here.
 
-Owns the model, the device-side prefix trie, the item mask (deleted / out-of-stock items) and
-the chosen beam-step implementation; turns internal-index histories into ranked items.
+Owns the model, the live catalogue (model/live_trie.py: ids, SIDs, deletions, the device trie
+rebuilt off the request path), the attribute index (model/attributes.py) and the chosen
+beam-step implementation; turns internal-index histories into ranked items, with per-request
+filters and exclusions as level-wise masks inside the beam (model/request_masks.py).
 Mapping external ids is done here too (a dict), so callers without Redis work the same way;
 the service's inverse index maps SIDs back to ids for deployments that keep that in Redis.
 """
@@ -11,15 +13,18 @@ import ctypes
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from sidrec.kernels.dispatch import get_beam_step
 from sidrec.kernels.trie import PrefixTrie
+from sidrec.model.attributes import AttributeIndex, check_attributes, check_filter
 from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
 from sidrec.model.bundle import Bundle, load_bundle
+from sidrec.model.live_trie import LiveCatalogue
+from sidrec.model.request_masks import FilterMaskCache, batch_masks
 
 
 def cpu_has_native_bf16() -> bool:
@@ -110,15 +115,11 @@ class RecommendEngine(CatalogueIds):
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
         self.cfg = bundle.model_config
-        self.sid_map = bundle.sid_map.to(self.device)
-        self.trie = PrefixTrie.build(bundle.sid_map, self.cfg.layout.cardinalities).to(self.device)
-        self.item_ids = bundle.item_ids
-        self.index_of = {iid: i for i, iid in enumerate(self.item_ids)}
-        self.item_mask = torch.zeros(len(self.item_ids), dtype=torch.bool, device=self.device)
-        # The same mask in the trie's leaf order, kept up to date by set_masked, plus a host-side
-        # count: a request neither syncs with the device to ask "any masked?" nor re-gathers N items.
-        self._leaf_mask = torch.zeros_like(self.item_mask)
-        self._num_masked = 0
+        self.catalogue = LiveCatalogue(bundle.sid_map, bundle.item_ids, self.cfg.layout.cardinalities, self.device)
+        self.item_ids = self.catalogue.item_ids  # grows with add_items (shared list)
+        self.index_of = self.catalogue.index_of
+        self.attributes = AttributeIndex(getattr(bundle, "item_attributes", None))
+        self.filter_masks = FilterMaskCache()  # propagated rows of recent filters (popular ones repeat)
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
         if self.options.backend == "onnx":
@@ -132,14 +133,88 @@ class RecommendEngine(CatalogueIds):
         opts = options or EngineOptions()
         return cls(load_bundle(path, device=opts.device), opts)
 
+    @property
+    def trie(self) -> PrefixTrie:
+        """The live trie (replaced by the background builder after inserts)."""
+        return self.catalogue.snapshot.trie
+
+    @property
+    def sid_map(self) -> Tensor:
+        """(L, num_items) current SIDs on the device, added items included."""
+        return self.catalogue.sid_map
+
+    @property
+    def trie_generation(self) -> int:
+        """The catalogue revision the live trie covers (compare with add_items' return value)."""
+        return self.catalogue.generation
+
     def set_masked(self, external: Sequence[str], masked: bool = True) -> list[str]:
-        """Mask (or unmask) items without rebuilding anything. Returns the ids not in the catalogue."""
+        """Mask (or unmask) items without rebuilding anything: the level masks are recomputed
+        here, once, and every later request sees them. Returns the ids not in the catalogue."""
         idx, unknown = self.to_internal(external)
-        if idx:
-            self.item_mask[torch.tensor(idx, device=self.device)] = masked
-            self._leaf_mask = self.item_mask[self.trie.leaf_item.long()]
-            self._num_masked = int(self.item_mask.sum())
+        self.catalogue.set_masked(idx, masked)
         return unknown
+
+    def add_items(self, item_ids: Sequence[str], sids: Tensor,
+                  attributes: Sequence[Mapping[str, list[str]]] | None = None, wait: bool = False,
+                  timeout: float | None = 60.0) -> int:
+        """Insert new ids, or move existing ids to new SIDs (their old SID is retired at once).
+
+        sids: (L, n) int64. New ids get new internal indices (appended, never reused); an id given
+        the SID it already holds changes nothing (no rebuild). attributes: per item a dict that
+        replaces its attributes, or None to leave them as they are. Raises
+        ValueError naming the id when a SID is held by another item (masked ones included: a
+        deleted item keeps its SID so that it can be restored) or a code is outside the layout.
+        Returns the trie generation that serves the items; wait=True returns once recommend()
+        sees them (TimeoutError after `timeout` seconds).
+        """
+        item_ids = [str(x) for x in item_ids]
+        checked = None
+        if attributes is not None:
+            if len(attributes) != len(item_ids):
+                raise ValueError(f"got {len(attributes)} attribute dicts for {len(item_ids)} items")
+            checked = [None if a is None else check_attributes(a, f"item {i!r}") for i, a in zip(item_ids, attributes)]
+        gen, idx = self.catalogue.put(item_ids, sids)
+        if checked is not None:
+            for i, a in zip(idx, checked):
+                if a is not None:  # None: leave the item's attributes as they are
+                    self.attributes.set(i, a)
+        if wait and not self.catalogue.wait_for(gen, timeout):
+            raise TimeoutError(f"trie generation {gen} not live after {timeout} s")
+        return gen
+
+    def set_attributes(self, item_ids: Sequence[str], attributes: Sequence[Mapping[str, list[str]]]) -> list[str]:
+        """Replace the attributes of known items (never moves a SID). Returns the unknown ids."""
+        if len(attributes) != len(item_ids):
+            raise ValueError(f"got {len(attributes)} attribute dicts for {len(item_ids)} items")
+        checked = [check_attributes(a or {}, f"item {i!r}") for i, a in zip(item_ids, attributes)]
+        unknown = []
+        for iid, a in zip(item_ids, checked):
+            i = self.index_of.get(str(iid))
+            if i is None:
+                unknown.append(str(iid))
+            else:
+                self.attributes.set(i, a)
+        return unknown
+
+    def item_sid(self, item_id: str) -> list[int] | None:
+        i = self.index_of.get(str(item_id))
+        return None if i is None else self.catalogue.sid_of(i)
+
+    def sid_owner(self, sid: Sequence[int]) -> str | None:
+        """The item holding this SID now (a masked item still holds its SID), or None."""
+        sid = list(sid)
+        if len(sid) != len(self.catalogue.cards):
+            raise ValueError(f"a SID has {len(self.catalogue.cards)} codes, got {len(sid)}")
+        if any(not 0 <= int(c) < card for c, card in zip(sid, self.catalogue.cards)):
+            return None  # outside the layout: nobody holds it
+        [own] = self.catalogue.owners(torch.tensor([sid], dtype=torch.int64))
+        return None if own is None else self.item_ids[own]
+
+    def attributes_of(self, item_id: str) -> dict[str, list[str]] | None:
+        """The item's attributes ({} when it has none), None for an unknown id."""
+        i = self.index_of.get(str(item_id))
+        return None if i is None else (self.attributes.get(i) or {})
 
     def _autocast(self):
         if self.options.dtype == "bfloat16" and self.options.backend == "torch":
@@ -147,25 +222,29 @@ class RecommendEngine(CatalogueIds):
         return torch.autocast(self.device.type, enabled=False)
 
     def recommend(self, histories: Sequence[Sequence[int]], beam_width: int | Sequence[int], top_n: int,
-                  exclude: Sequence[Sequence[int]] | None = None) -> BeamResult:
-        """Top-`top_n` items for each internal-index history. exclude: per-request items to skip."""
+                  exclude: Sequence[Sequence[int]] | None = None,
+                  filters: Sequence[Mapping[str, list[str]] | None] | None = None) -> BeamResult:
+        """Top-`top_n` items for each internal-index history. exclude: per-request items to skip;
+        filters: per request None or attribute -> allowed values. Both are masks inside the beam
+        (invalid prefixes pruned), so a request gets top_n items whenever top_n pass."""
         widths = [beam_width] * len(histories) if isinstance(beam_width, int) else list(beam_width)
         if not histories:
             raise ValueError("recommend needs at least one history")
         if max(widths) > self.options.max_beam_width:
             raise ValueError(f"beam_width {max(widths)} exceeds the engine's limit {self.options.max_beam_width}")
+        B = len(histories)
+        if filters is not None:
+            if len(filters) != B:
+                raise ValueError(f"got {len(filters)} filters for {B} histories")
+            filters = [None if f is None else check_filter(f, f"filter of request {b}") for b, f in enumerate(filters)]
+        if exclude is not None and len(exclude) != B:
+            raise ValueError(f"got {len(exclude)} exclusion lists for {B} histories")
+        snap = self.catalogue.snapshot  # one consistent trie + masks for the whole request
         src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
-        ex = None
-        if exclude is not None and any(len(e) for e in exclude):
-            E = max(len(e) for e in exclude)
-            ex = torch.full((len(exclude), E), -1, dtype=torch.int64)
-            for b, e in enumerate(exclude):
-                if e:
-                    ex[b, : len(e)] = torch.as_tensor(list(e), dtype=torch.int64)
-        leaf_mask = self._leaf_mask if self._num_masked else None
+        masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
         with self._lock, torch.inference_mode(), self._autocast():
-            return beam_search(self.decoder, self.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
-                               top_n, exclude_items=ex, leaf_mask=leaf_mask, beam_step=self.beam_step)
+            return beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
+                               top_n, beam_step=self.beam_step, masks=masks)
 
     def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
         """Log-likelihood (B, M) of each candidate item (internal indices; ragged rows padded -inf)."""
@@ -177,3 +256,7 @@ class RecommendEngine(CatalogueIds):
                 cand[b, : len(c)] = torch.as_tensor(list(c), dtype=torch.int64)
         with self._lock, torch.inference_mode(), self._autocast():
             return score_items(self.decoder, src, mask, cand.to(self.device), self.sid_map).cpu()
+
+    def close(self) -> None:
+        """Stops the background trie builder (the engine serves on with its last trie)."""
+        self.catalogue.close()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from sidrec.kernels.beam_step_ref import beam_step_reference, candidates, ordered_keys  # noqa: E402
 from sidrec.kernels.dispatch import get_beam_step  # noqa: E402
+from sidrec.kernels.level_mask import propagate  # noqa: E402
 from sidrec.kernels.trie import PrefixTrie  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -61,8 +62,24 @@ def random_step(trie, level, B, K, g, dead=0.2, ties=False):
     return logits, scores, states
 
 
+def level_mask(trie, level, B, exclude=None, leaf_mask=None):
+    """The level's (B, S_{l+1}) child mask from (B, E) excluded leaves (-1 padding) and a global
+    leaf mask, built the slow obvious way: a (B, N) leaf bool, then propagated. None if no mask."""
+    if exclude is None and leaf_mask is None:
+        return None
+    ok = torch.ones(B, trie.num_items, dtype=torch.bool)
+    if leaf_mask is not None:
+        ok &= ~leaf_mask
+    if exclude is not None:
+        for b in range(B):
+            for leaf in exclude[b].tolist():
+                if leaf >= 0:
+                    ok[b, leaf] = False
+    return propagate(trie, ok)[level]
+
+
 # ---- comparison ------------------------------------------------------------------------------
-def assert_steps_match(got, ref, logits, scores, states, level, trie, exclude=None, leaf_mask=None,
+def assert_steps_match(got, ref, logits, scores, states, level, trie, child_valid=None,
                        atol=1e-5, what=""):
     """`got` is a correct step if it matches `ref` up to rounding: the same n_valid, scores equal
     within atol position by position, each pick a real candidate whose reference score is that
@@ -84,7 +101,7 @@ def assert_steps_match(got, ref, logits, scores, states, level, trie, exclude=No
         t = getattr(got, name)
         tail = torch.arange(t.shape[1])[None] >= got.n_valid[:, None]
         assert (t[tail] == fill).all() and (got.scores[tail] == NEG_INF).all(), f"{what} fill rule broken in {name}"
-    cand, code, child = candidates(logits, scores, states, level, trie, exclude, leaf_mask)
+    cand, code, child = candidates(logits, scores, states, level, trie, child_valid)
     for b in range(logits.shape[0]):
         n = int(got.n_valid[b])
         picks = list(zip(got.scores[b, :n].tolist(), got.parents[b, :n].tolist(), got.codes[b, :n].tolist(),
@@ -108,12 +125,15 @@ def assert_steps_match(got, ref, logits, scores, states, level, trie, exclude=No
                 "not descending, or an exact tie not resolved to the lower (beam, child) index")
 
 
-def run_both(logits, scores, states, level, trie, k_out, widths=None, exclude=None, leaf_mask=None, what=""):
-    ref = beam_step_reference(logits, scores, states, level, trie, k_out, widths, exclude, leaf_mask)
-    got = beam_step_triton(logits, scores, states, level, trie, k_out, widths, exclude, leaf_mask)
-    last = level == trie.num_levels - 1
-    assert_steps_match(got, ref, logits, scores, states, level, trie, exclude if last else None,
-                       leaf_mask if last else None, what=what)
+def run_both(logits, scores, states, level, trie, k_out, widths=None, exclude=None, leaf_mask=None, what="",
+             child_valid=None, mask_rows=None):
+    if child_valid is None:
+        child_valid = level_mask(trie, level, logits.shape[0], exclude, leaf_mask)
+    ref = beam_step_reference(logits, scores, states, level, trie, k_out, widths, child_valid, mask_rows)
+    got = beam_step_triton(logits, scores, states, level, trie, k_out, widths, child_valid, mask_rows)
+    rows_valid = None if child_valid is None or mask_rows is None else child_valid[mask_rows]
+    assert_steps_match(got, ref, logits, scores, states, level, trie,
+                       child_valid if rows_valid is None else rows_valid, what=what)
     return got, ref
 
 
@@ -133,16 +153,19 @@ def test_ordered_keys_equal_stable_descending_sort(seed):
 
 # ---- reference vs brute force ----------------------------------------------------------------
 def brute_force(logits, scores, prefixes, level, sids, k_out, widths=None, exclude_items=None, item_mask=None):
-    """Enumerate every valid extension of every beam's prefix with full-softmax scores.
+    """Enumerate every valid extension of every beam's prefix with full-softmax scores; an
+    extension with no allowed item (excluded or masked) below it is not valid, at any level.
 
     prefixes[b][k]: tuple of codes or None (dead). Returns per request a list of
     (score, parent, code, next state) with states defined from scratch as ranks of sorted prefixes.
     """
     L = len(sids[0])
+    allowed = [[s for i, s in enumerate(sids)
+                if not (exclude_items is not None and i in exclude_items[b]) and
+                not (item_mask is not None and bool(item_mask[i]))] for b in range(logits.shape[0])]
     logp = torch.log_softmax(logits.float(), -1)
     nxt = sorted({s[: level + 1] for s in sids})
     state_of = {p: i for i, p in enumerate(nxt)}
-    item_of = {s: i for i, s in enumerate(sids)}
     out = []
     for b in range(logits.shape[0]):
         cand = []
@@ -151,11 +174,8 @@ def brute_force(logits, scores, prefixes, level, sids, k_out, widths=None, exclu
                 continue
             for c in sorted({s[level] for s in sids if s[:level] == pre}):
                 full = (*pre, c)
-                if level == L - 1:
-                    item = item_of[full]
-                    if (exclude_items is not None and item in exclude_items[b]) or \
-                            (item_mask is not None and bool(item_mask[item])):
-                        continue
+                if not any(a[: level + 1] == full for a in allowed[b]):  # pruned: nothing allowed below
+                    continue
                 val = float(scores[b, k] + logp[b, k, c])
                 if val > NEG_INF:
                     cand.append((-val, k, c, state_of[full]))
@@ -182,16 +202,15 @@ def test_reference_matches_brute_force(seed):
     widths = torch.randint(1, k_out + 1, (B,), generator=g) if seed % 2 else None
     excl_items = [set(torch.randint(0, len(sids), (2,), generator=g).tolist()) for _ in range(B)]
     item_mask = torch.rand(len(sids), generator=g) < 0.2
-    last = level == L - 1
-    exclude = None
-    if last:  # (B, 2) leaves, -1 padding where the two draws coincided
-        exclude = torch.full((B, 2), -1, dtype=torch.int64)
-        for b, e in enumerate(excl_items):
-            exclude[b, : len(e)] = trie.item_leaf.long()[sorted(e)]
-    leaf_mask = item_mask[trie.leaf_item.long()] if last else None
-    ref = beam_step_reference(logits, scores, states, level, trie, k_out, widths, exclude, leaf_mask)
+    exclude = torch.full((B, 2), -1, dtype=torch.int64)  # (B, 2) leaves, -1 where the two draws coincided
+    for b, e in enumerate(excl_items):
+        exclude[b, : len(e)] = trie.item_leaf.long()[sorted(e)]
+    leaf_mask = item_mask[trie.leaf_item.long()]
+    masked = seed % 3 != 2  # every third seed without masks
+    cv = level_mask(trie, level, B, exclude, leaf_mask) if masked else None
+    ref = beam_step_reference(logits, scores, states, level, trie, k_out, widths, cv)
     want = brute_force(logits, scores, prefixes, level, sids, k_out, widths,
-                       excl_items if last else None, item_mask if last else None)
+                       excl_items if masked else None, item_mask if masked else None)
     for b in range(B):
         n = len(want[b])
         assert int(ref.n_valid[b]) == n, f"request {b}: n_valid {int(ref.n_valid[b])}, brute force {n}"

@@ -290,6 +290,21 @@ def _score_splits(run: Run) -> dict:
     return metrics
 
 
+def bundle_items(run: Run) -> list[dict[str, Any]]:
+    """items.jsonl records from the item table: the text that was embedded, and as attributes
+    every other non-id column (Beauty: categories split into their path levels, brand)."""
+    from sidrec.training.data import ID_FIELDS
+    from sidrec.training.embeddings import DEFAULT_TEMPLATE, render_text
+
+    template = run.cfg.embed.template or DEFAULT_TEMPLATE
+    out = []
+    for iid, f in zip(run.data.item_ids, run.data.item_fields):
+        attrs = {k: ([p.strip() for p in v.split(">") if p.strip()] if k == "categories" else [v])
+                 for k, v in f.items() if k not in ID_FIELDS and k != "title"}
+        out.append({"item_id": iid, "text": render_text(f, template), "attributes": attrs})
+    return out
+
+
 def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
     if run.model is None:
         stage_train(run)
@@ -306,7 +321,7 @@ def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
              "evaluation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
              "pipeline": run.cfg.to_dict()}
     path = save_bundle(bundle_dir, run.model, run.sid_map, d.item_ids, codebooks=run.codebooks, metrics=metrics,
-                       extra_config=extra, report_dir=run.out / "report", overwrite=True)
+                       extra_config=extra, report_dir=run.out / "report", overwrite=True, items=bundle_items(run))
     run.stamp("export", fingerprint(run.fps.get("evaluate"), str(path)), bundle=str(path))
     run.log(f"export: bundle written to {path}")
     return path
