@@ -53,6 +53,7 @@ class RecommendEntry:
     beam_width: int
     top_n: int
     exclude: list[int] = field(default_factory=list)
+    filters: dict[str, list[str]] | None = None  # attribute -> allowed values (a mask inside the beam)
 
 
 @dataclass
@@ -301,8 +302,9 @@ class DynamicBatcher:
             top = max(e.top_n for e in entries)
             t0 = time.monotonic()
             try:
+                filt = ({"filters": [e.filters for e in entries]} if any(e.filters for e in entries) else {})
                 res = self.engine.recommend([e.history for e in entries], [e.beam_width for e in entries], top,
-                                            exclude=[e.exclude for e in entries])
+                                            exclude=[e.exclude for e in entries], **filt)
             except Exception as exc:
                 log.exception("engine.recommend failed on a batch of %d", len(entries))
                 for j in {id(j): j for j, _, _ in chunk}.values():

@@ -1,0 +1,175 @@
+"""CatalogueFollower: one replica's background task that mirrors the catalogue store into its engine.
+
+On start it reads a snapshot (every item changed since the bundle, the version and the log
+position it stands for), applies it, and then follows the change log from that position: a
+Redis XREAD BLOCK (or the in-process log), each entry applied through the engine's own calls
+(`add_items` for new or moved SIDs, `set_attributes`, `set_masked`), on the engine thread
+between batches. Entries carry consecutive catalogue versions; one that skips a version means
+the stream was trimmed past this replica (the last id it saw is older than the first one kept):
+the follower resyncs from a snapshot instead of silently losing changes. After a connection
+error it is not caught up (readiness says so) until a read succeeds again.
+
+The engine mirror may lag by up to one read; that is safe because the inverse-index lookup of
+every request (service.index) is the final gate for deletions. This module does not write to
+the store (see `service.items`) and imports no web framework.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+import torch
+
+from sidrec.service.catalogue_store import CatalogueStore, ItemState
+from sidrec.service.index import SidCodec
+
+log = logging.getLogger("sidrec.catalogue")
+
+
+class CatalogueFollower:
+    def __init__(self, store: CatalogueStore, engine: Any, run_on_engine: Callable[[Callable[[], Any]], Awaitable[Any]],
+                 codec: SidCodec, base_sid: dict[str, int], admin_masked: Callable[[str], bool] = lambda i: False,
+                 block_s: float = 1.0, retry_s: float = 0.5) -> None:
+        self.store = store
+        self.engine = engine
+        self.run_on_engine = run_on_engine
+        self.codec = codec
+        self.base_sid = base_sid  # bundle item id -> packed SID
+        self.admin_masked = admin_masked
+        self.block_s = block_s
+        self.retry_s = retry_s
+        self.applied = 0  # catalogue version mirrored into the engine
+        self.position = "0"
+        self.sids: dict[str, int] = {}  # packed SID applied for each item added or moved
+        self.deleted: set[str] = set()  # ids this follower masked in the engine
+        self.caught_up = False
+        self.resyncs = 0
+        self.last_applied_at = 0.0
+        self._task: asyncio.Task | None = None
+        self._progress = asyncio.Condition()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Catch up (snapshot) before returning, then follow in the background."""
+        await self.resync()
+        self.caught_up = True
+        self._task = asyncio.create_task(self._follow(), name="sidrec-catalogue-follow")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def wait_for(self, version: int, timeout_s: float) -> bool:
+        """Until this replica's engine has applied `version` (read-your-writes for the writer)."""
+        async with self._progress:
+            try:
+                await asyncio.wait_for(self._progress.wait_for(lambda: self.applied >= version), timeout_s)
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.store.backend, "applied_version": self.applied, "caught_up": self.caught_up,
+                "resyncs": self.resyncs, "items_changed": len(self.sids), "deleted": len(self.deleted)}
+
+    # --- following --------------------------------------------------------------------------------
+
+    async def resync(self) -> None:
+        snap = await self.store.snapshot()
+        states = snap.states
+        gone = self.deleted - {s.item_id for s in states if s.deleted}
+        await self._apply(states, undelete=sorted(gone))
+        await self._advance(snap.version, snap.position)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                changes = await self.store.read_changes(self.position, self.block_s)
+                for ch in changes:
+                    if ch.version <= self.applied:
+                        self.position = ch.position
+                        continue
+                    if ch.version != self.applied + 1:
+                        log.warning("catalogue log skips from version %d to %d (trimmed past this replica): "
+                                    "resyncing from a snapshot", self.applied, ch.version)
+                        self.resyncs += 1
+                        await self.resync()
+                        break
+                    await self._apply(ch.states)
+                    await self._advance(ch.version, ch.position)
+                if not changes and not self.caught_up:
+                    self.caught_up = True  # a read succeeded with nothing left to apply
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self.caught_up:
+                    log.warning("catalogue follow failed; not caught up until a read succeeds", exc_info=True)
+                self.caught_up = False
+                await asyncio.sleep(self.retry_s)
+
+    async def _advance(self, version: int, position: str) -> None:
+        async with self._progress:
+            self.applied = max(self.applied, version)
+            self.position = position
+            self.last_applied_at = time.monotonic()
+            self._progress.notify_all()
+
+    async def _apply(self, states: Sequence[ItemState], undelete: Sequence[str] = ()) -> None:
+        adds: list[tuple[str, int, dict]] = []
+        attrs: list[tuple[str, dict]] = []
+        mask, unmask = [], list(undelete)
+        for st in states:
+            packed = st.sid if st.sid is not None else self.base_sid.get(st.item_id)
+            if packed is None:
+                continue  # a state without a SID: nothing the engine can hold
+            held = self.sids.get(st.item_id, self.base_sid.get(st.item_id))
+            if held != packed:
+                adds.append((st.item_id, packed, st.attributes or {}))
+            elif st.attributes is not None:
+                attrs.append((st.item_id, st.attributes))
+            if st.deleted and st.item_id not in self.deleted:
+                mask.append(st.item_id)
+            elif not st.deleted and st.item_id in self.deleted:
+                unmask.append(st.item_id)
+        unmask = [i for i in unmask if not self.admin_masked(i)]
+        if not (adds or attrs or mask or unmask):
+            return
+        engine = self.engine
+
+        def work() -> None:
+            if adds:
+                self._add(adds)
+            if attrs:
+                engine.set_attributes([a[0] for a in attrs], [a[1] for a in attrs])
+            if mask:
+                engine.set_masked(mask, True)
+            if unmask:
+                engine.set_masked(unmask, False)
+
+        await self.run_on_engine(work)
+        for iid, packed, _ in adds:
+            self.sids[iid] = packed
+        self.deleted.update(mask)
+        self.deleted.difference_update(unmask)
+
+    def _add(self, adds: list[tuple[str, int, dict]]) -> None:
+        """engine.add_items for the batch; on a refusal, item by item so one bad entry (logged) does
+        not stall the log: the lookup gate keeps responses right whatever the mirror holds."""
+        def one(batch: list[tuple[str, int, dict]]) -> None:
+            sids = torch.tensor([self.codec.unpack(p) for _, p, _ in batch], dtype=torch.int64).t()  # (L, n)
+            self.engine.add_items([a[0] for a in batch], sids.contiguous(), attributes=[a[2] for a in batch],
+                                  wait=False)
+
+        try:
+            one(adds)
+        except ValueError:
+            for a in adds:
+                try:
+                    one([a])
+                except ValueError as e:
+                    log.error("engine refused catalogue item %s: %s", a[0], e)
