@@ -56,7 +56,12 @@ class CatalogueFollower:
         """Catch up (snapshot) before returning, then follow in the background."""
         await self.resync()
         self.caught_up = True
-        self._task = asyncio.create_task(self._follow(), name="sidrec-catalogue-follow")
+        self.resume()
+
+    def resume(self) -> None:
+        """Follow the log from the last position applied (no snapshot: a gap is detected on read)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow(), name="sidrec-catalogue-follow")
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -26,7 +26,8 @@ from sidrec.model.beam_search import BeamResult
 from sidrec.model.config import ModelConfig
 from sidrec.model.engine import CatalogueIds
 
-_METHODS = ("recommend", "score", "set_masked")
+_METHODS = ("recommend", "score", "set_masked", "add_items", "set_attributes", "item_sid", "sid_owner",
+            "attributes_of", "trie_generation")
 
 
 class EngineDead(RuntimeError):
@@ -73,7 +74,8 @@ def _serve(conn, path: str, options) -> None:
         try:
             if method not in _METHODS:
                 raise ValueError(f"unknown engine method {method!r}")
-            out = getattr(engine, method)(*args, **kwargs)
+            out = getattr(engine, method)
+            out = out(*args, **kwargs) if callable(out) else out  # trie_generation is a property
             if isinstance(out, BeamResult):
                 out = BeamResult(out.items.cpu(), out.sids.cpu(), out.scores.cpu(), out.n_valid.cpu())
             conn.send(("ok", out))
@@ -116,14 +118,40 @@ class EngineProcess(CatalogueIds):
 
     # --- the RecommendEngine surface ------------------------------------------------------------
 
-    def recommend(self, histories, beam_width, top_n, exclude=None) -> BeamResult:
-        return self._call("recommend", histories, beam_width, top_n, exclude=exclude)
+    def recommend(self, histories, beam_width, top_n, exclude=None, **kw) -> BeamResult:
+        return self._call("recommend", histories, beam_width, top_n, exclude=exclude, **kw)
 
     def score(self, histories, candidates) -> torch.Tensor:
         return self._call("score", histories, candidates)
 
     def set_masked(self, external: Sequence[str], masked: bool = True) -> list[str]:
         return self._call("set_masked", list(external), masked)
+
+    # --- the living catalogue (forwarded; service.catalogue_follow is the caller) ---------------------
+
+    def add_items(self, item_ids, sids, attributes=None, wait=False) -> int:
+        out = self._call("add_items", list(item_ids), sids, attributes=attributes, wait=wait)
+        new = [i for i in dict.fromkeys(item_ids) if i not in self.index_of]
+        if new:  # the engine appends new items after the bundle's: mirror their internal indices here
+            self.item_ids = self.item_ids + new  # a new list: the bundle's own stays as loaded
+            self.index_of.update((iid, len(self.item_ids) - len(new) + k) for k, iid in enumerate(new))
+        return out
+
+    def set_attributes(self, item_ids, attributes) -> list[str]:
+        return self._call("set_attributes", list(item_ids), attributes)
+
+    def item_sid(self, item_id):
+        return self._call("item_sid", item_id)
+
+    def sid_owner(self, sid):
+        return self._call("sid_owner", sid)
+
+    def attributes_of(self, item_id):
+        return self._call("attributes_of", item_id)
+
+    @property
+    def trie_generation(self) -> int:
+        return self._call("trie_generation")
 
     # --- plumbing -------------------------------------------------------------------------------
 
