@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,6 +77,7 @@ class ItemCatalogue:
     async def upsert(self, req: S.ItemsWriteRequest) -> S.ItemsWriteResponse:
         S.check_items(req, self.settings)
         ids = [it.item_id for it in req.items]
+        t0 = time.perf_counter()
         current = await self._store_call(self.store.get(ids))
         todo: list[int] = []  # positions of items whose SID comes from their text
         for n, it in enumerate(req.items):
@@ -88,6 +90,7 @@ class ItemCatalogue:
             if it.text is not None and (not known or it.text != self._text(it.item_id, current)):
                 todo.append(n)
         cands: dict[int, list[int]] = {}
+        t1 = time.perf_counter()
         if todo:
             if self.embedder is None or not self.codebooks:
                 raise APIError(409, "cannot_assign_sids", "this bundle holds no RQ-KMeans codebooks in its "
@@ -101,17 +104,22 @@ class ItemCatalogue:
             text = it.text if it.text is not None else (cur.text if cur else None)
             attrs = it.attributes if it.attributes is not None else (cur.attributes if cur else None)
             ups.append(Upsert(it.item_id, text, attrs, cands.get(n), self.base_sid.get(it.item_id)))
+        t2 = time.perf_counter()
         try:
             res = await self._store_call(self.store.upsert(ups))
         except SidSpaceFull as e:
             raise APIError(409, "sid_space_full", f"{e}; nothing in this call was written: the bundle's layout has "
                            f"{self.codec.cardinalities[-1]} de-duplication codes per prefix",
                            {"item_id": str(e).split(":")[0].removeprefix("item ")}) from None
+        t3 = time.perf_counter()
         applied = await self.follower.wait_for(res.version, self.settings.catalogue_apply_wait_s)
+        t4 = time.perf_counter()
         by_id = {s.item_id: s for s in res.states}
         out = [S.ItemWritten(item_id=i, sid=list(self.codec.unpack(self._sid(i, by_id.get(i))))) for i in ids]
         return S.ItemsWriteResponse(items=out, catalogue_version=res.version, model_version=self.model_version,
-                                    applied_locally=applied)
+                                    applied_locally=applied, embedded=len(todo),
+                                    timings_ms={"read": 1e3 * (t1 - t0), "embed": 1e3 * (t2 - t1),
+                                                "store": 1e3 * (t3 - t2), "apply": 1e3 * (t4 - t3)})
 
     async def set_deleted(self, item_ids: Sequence[str], deleted: bool) -> S.ItemsDeleteResponse:
         ids = list(dict.fromkeys(item_ids))

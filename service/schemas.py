@@ -187,6 +187,9 @@ class ItemsWriteResponse(BaseModel):
     catalogue_version: int
     model_version: str
     applied_locally: bool = Field(description="This replica's engine applied the change before answering.")
+    embedded: int = Field(description="Items whose text was embedded and quantized (new or changed text).")
+    timings_ms: dict[str, float] = Field(description="Server time per phase: read, embed (+quantize), store "
+                                                     "(the atomic claim and log write), apply (this replica).")
 
 
 class ItemIdsRequest(Strict):
