@@ -46,6 +46,7 @@ class CatalogueFollower:
         self.deleted: set[str] = set()  # ids this follower masked in the engine
         self.caught_up = False
         self.resyncs = 0
+        self.apply_errors = 0
         self.last_applied_at = 0.0
         self._task: asyncio.Task | None = None
         self._progress = asyncio.Condition()
@@ -80,7 +81,7 @@ class CatalogueFollower:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.store.backend, "applied_version": self.applied, "caught_up": self.caught_up,
-                "resyncs": self.resyncs, "items_changed": len(self.sids), "deleted": len(self.deleted)}
+                "resyncs": self.resyncs, "apply_errors": self.apply_errors, "items_changed": len(self.sids), "deleted": len(self.deleted)}
 
     # --- following --------------------------------------------------------------------------------
 
@@ -156,7 +157,12 @@ class CatalogueFollower:
             if unmask:
                 engine.set_masked(unmask, False)
 
-        await self.run_on_engine(work)
+        try:
+            await self.run_on_engine(work)
+        except Exception:  # the engine refused (or lacks the call): skipping beats stalling every later change
+            self.apply_errors += 1
+            log.error("could not apply %d catalogue changes to the engine; the lookup gate still hides "
+                      "deleted items", len(states), exc_info=True)
         for iid, packed, _ in adds:
             self.sids[iid] = packed
         self.deleted.update(mask)

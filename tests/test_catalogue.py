@@ -225,3 +225,20 @@ def test_a_stopped_replica_catches_up_and_a_trimmed_log_forces_a_resync(tbundle,
                 assert rb.catalogue_version == target and rb.follower.resyncs == 1
                 assert rb.engine.attributes_of(base[0]) == {"late": ["0"]}
     run(go())
+
+
+def test_bulk_reader_takes_csv_ndjson_and_names_a_bad_row(tmp_path):
+    from sidrec.service.items_cli import read_items
+
+    (tmp_path / "a.csv").write_text('item_id,text,brand,attributes\nx1,red lips,acme|zen,"{""size"": [""s""]}"\n'
+                                    "x2,hair,,\n")
+    assert list(read_items(tmp_path / "a.csv")) == [
+        {"item_id": "x1", "text": "red lips", "attributes": {"size": ["s"], "brand": ["acme", "zen"]}},
+        {"item_id": "x2", "text": "hair"}]
+    (tmp_path / "b.jsonl").write_text('{"item_id": "y", "text": "t", "attributes": {"k": ["v"]}}\n\n{"text": "t"}\n')
+    rows = read_items(tmp_path / "b.jsonl")
+    assert next(rows) == {"item_id": "y", "text": "t", "attributes": {"k": ["v"]}}
+    with pytest.raises(ValueError, match="b.jsonl:3: no item_id"):
+        next(rows)
+    with pytest.raises(ValueError, match="unknown format"):
+        list(read_items(tmp_path / "c.xlsx"))
