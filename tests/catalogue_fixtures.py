@@ -39,7 +39,8 @@ def topic_text(t: int, i: int) -> str:
     return f"{TOPICS[t]} variant{i} edition{i * 7 % 13}"
 
 
-def text_bundle(path: Path, per_topic: int = 8, seed: int = 0) -> Path:
+def text_bundle(path: Path, per_topic: int = 8, seed: int = 0, width: int = 8) -> Path:
+    """`width`: codes at levels 1 and 2 (8 for tests; wider leaves room for many added items)."""
     rng = np.random.default_rng(seed)
     texts = [topic_text(t, i) for t in range(len(TOPICS)) for i in range(per_topic)]
     ids = [f"t{t}-{i}" for t in range(len(TOPICS)) for i in range(per_topic)]
@@ -47,13 +48,13 @@ def text_bundle(path: Path, per_topic: int = 8, seed: int = 0) -> Path:
     topic = np.repeat(np.arange(len(TOPICS)), per_topic)
     c0 = np.stack([X[topic == t].mean(0) for t in range(len(TOPICS))])
     R1 = X - c0[topic]
-    c1 = R1[rng.choice(len(X), 8, replace=False)] * 0.5
-    c2 = rng.standard_normal((8, DIM)).astype(np.float32) * 0.05
+    c1 = R1[rng.choice(len(X), width, replace=False)] * 0.5
+    c2 = rng.standard_normal((width, DIM)).astype(np.float32) * 0.05
     books = [c0.astype(np.float32), c1.astype(np.float32), c2]
     codes, _ = quantize(X, books)
     assert (codes[:, 0] == topic).all(), "topic centroids must own their items"
     sid_map, card = add_dedup_digit(codes)
-    layout = (8, 8, 8, max(4, card))
+    layout = (8, width, width, max(4, card))
     torch.manual_seed(seed)
     cfg = ModelConfig(SIDLayout(layout), d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1)
     model = SIDTransformer(cfg)
