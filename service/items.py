@@ -138,6 +138,9 @@ class ItemCatalogue:
     # --- reads ------------------------------------------------------------------------------------
 
     async def get(self, item_id: str) -> S.ItemInfo:
+        if len(item_id) > self.settings.max_item_id_len:
+            raise APIError(422, "invalid_request", f"item_id: item ids are at most {self.settings.max_item_id_len} "
+                           f"characters, got {len(item_id)}")
         state = (await self._store_call(self.store.get([item_id]))).get(item_id)
         in_bundle = item_id in self.base_sid
         if state is None and not in_bundle:

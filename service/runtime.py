@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
 
 from sidrec.model.bundle import BundleError
 from sidrec.model.engine import EngineOptions, RecommendEngine
+from sidrec.model.sid_assign import codebooks_of
+from sidrec.model.text_embed import TextEmbedder
 from sidrec.service import schemas as S
 from sidrec.service.batcher import (BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull, RecommendEntry,
                              RecommendOutput, ScoreEntry)
@@ -105,11 +111,6 @@ class ServiceRuntime:
 
     async def _open_catalogue(self, engine: RecommendEngine, index: InverseIndex) -> None:
         """The catalogue store (Redis beside the index, or in process), caught up into the engine."""
-        import numpy as np
-
-        from sidrec.model.sid_assign import codebooks_of
-        from sidrec.model.text_embed import TextEmbedder
-
         s = self.settings
         cards = engine.cfg.layout.cardinalities
         codec = SidCodec(cards)
@@ -138,20 +139,17 @@ class ServiceRuntime:
             raise StartupError(f"refusing to start: cannot catch up with the catalogue store "
                                f"({type(e).__name__}: {e})") from None
         cfg = engine.bundle.config
-        codebooks = self._codebooks(engine, codebooks_of, np)
+        codebooks = self._codebooks(engine)
         method = (cfg.get("sid") or {}).get("method", "rq_kmeans")
         embedder = TextEmbedder.from_config(cfg, "cpu") if codebooks and method == "rq_kmeans" else None
         self.items = ItemCatalogue(s, self.store, self.follower, codec, base_sid, base_items_of(engine.bundle),
                                    codebooks, embedder, bool((cfg.get("sid") or {}).get("spread_collisions")),
                                    engine.version)
 
-    def _codebooks(self, engine, codebooks_of, np) -> list:
+    def _codebooks(self, engine: RecommendEngine) -> list[np.ndarray]:
+        """The bundle's quantizer codebooks in level order ([] when it has none)."""
         books = getattr(engine.bundle, "codebooks", None) or {}
         if not books:  # the engine process's BundleInfo does not carry them: read the file
-            from pathlib import Path
-
-            from safetensors.numpy import load_file
-
             f = Path(self.settings.bundle_path) / "codebooks.safetensors"
             books = load_file(str(f)) if f.is_file() else {}
         return codebooks_of({k: np.asarray(v) for k, v in books.items() if k != "empty"})
