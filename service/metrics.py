@@ -40,11 +40,26 @@ class ServiceMetrics:
                                        ["backend"], buckets=FAST_BUCKETS, registry=r)
         self.index_misses = Counter("sidrec_index_misses_total", "SIDs the inverse index could not map.", registry=r)
         self.masked_items = Gauge("sidrec_masked_items", "Items masked out of recommendations.", registry=r)
+        self.catalogue_version = Gauge("sidrec_catalogue_version", "Catalogue version applied to this replica's engine.",
+                                       registry=r)
+        self.catalogue_caught_up = Gauge("sidrec_catalogue_caught_up", "1 while the catalogue follower is caught up.",
+                                         registry=r)
+        self.catalogue_resyncs = Gauge("sidrec_catalogue_resyncs", "Snapshot resyncs after a trimmed change log.",
+                                       registry=r)
+        self.catalogue_apply_errors = Gauge("sidrec_catalogue_apply_errors",
+                                            "Catalogue changes the engine refused (logged).", registry=r)
         self.model = Info("sidrec_model", "The loaded bundle.", registry=r)
 
     def set_model(self, version: str, num_items: int, device: str, index_backend: str) -> None:
         self.model.info({"version": version, "num_items": str(num_items), "device": device,
                          "index_backend": index_backend})
+
+    def watch_catalogue(self, follower) -> None:
+        """Read the follower's state at scrape time (no bookkeeping on the hot path)."""
+        self.catalogue_version.set_function(lambda: follower.applied)
+        self.catalogue_caught_up.set_function(lambda: float(follower.caught_up))
+        self.catalogue_resyncs.set_function(lambda: follower.resyncs)
+        self.catalogue_apply_errors.set_function(lambda: follower.apply_errors)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

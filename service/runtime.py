@@ -133,6 +133,7 @@ class ServiceRuntime:
         assert self.batcher is not None
         self.follower = CatalogueFollower(self.store, engine, self.batcher.run_exclusive, codec, base_sid,
                                           admin_masked=self.masked.__contains__, block_s=s.catalogue_block_s)
+        self.metrics.watch_catalogue(self.follower)
         try:
             await self.follower.start()
         except Exception as e:

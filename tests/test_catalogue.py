@@ -70,6 +70,7 @@ def test_cold_start_item_gets_its_topic_prefix_and_is_recommended(tbundle):
             assert await app.state.runtime.index.lookup([sid]) == [None]
             assert await app.state.runtime.index.lookup([moved]) == ["new-perfume"]
             assert (await client.get("/v1/items/new-perfume")).json()["attributes"] == {"brand": ["y"]}
+            assert app.state.metrics.value("sidrec_catalogue_version") == 3
             info = (await client.get("/v1/model")).json()
             assert info["catalogue_version"] == 3 and info["catalogue"]["embedding"]["model"] == "hashed:64"
     run(go())
