@@ -126,7 +126,7 @@ class CatalogueFollower:
             self._progress.notify_all()
 
     async def _apply(self, states: Sequence[ItemState], undelete: Sequence[str] = ()) -> None:
-        adds: list[tuple[str, int, dict]] = []
+        adds: list[tuple[str, int, dict | None]] = []  # None attributes: leave the item's as they are
         attrs: list[tuple[str, dict]] = []
         mask, unmask = [], list(undelete)
         for st in states:
@@ -135,7 +135,8 @@ class CatalogueFollower:
                 continue  # a state without a SID: nothing the engine can hold
             held = self.sids.get(st.item_id, self.base_sid.get(st.item_id))
             if held != packed:
-                adds.append((st.item_id, packed, st.attributes or {}))
+                adds.append((st.item_id, packed, st.attributes if st.attributes is not None
+                             else (None if st.item_id in self.base_sid else {})))
             elif st.attributes is not None:
                 attrs.append((st.item_id, st.attributes))
             if st.deleted and st.item_id not in self.deleted:
@@ -168,10 +169,10 @@ class CatalogueFollower:
         self.deleted.update(mask)
         self.deleted.difference_update(unmask)
 
-    def _add(self, adds: list[tuple[str, int, dict]]) -> None:
+    def _add(self, adds: list[tuple[str, int, dict | None]]) -> None:
         """engine.add_items for the batch; on a refusal, item by item so one bad entry (logged) does
         not stall the log: the lookup gate keeps responses right whatever the mirror holds."""
-        def one(batch: list[tuple[str, int, dict]]) -> None:
+        def one(batch: list[tuple[str, int, dict | None]]) -> None:
             sids = torch.tensor([self.codec.unpack(p) for _, p, _ in batch], dtype=torch.int64).t()  # (L, n)
             self.engine.add_items([a[0] for a in batch], sids.contiguous(), attributes=[a[2] for a in batch],
                                   wait=False)

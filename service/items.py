@@ -33,8 +33,20 @@ log = logging.getLogger("sidrec.catalogue")
 
 
 def base_items_of(bundle: Any) -> dict[str, dict[str, Any]]:
-    """A bundle's base items' text and attributes by id, from `bundle.items` where the bundle has
-    it (a dict by id, or a list of {item_id, text, attributes}); {} otherwise."""
+    """A bundle's base items' text and attributes by id, from what the bundle carries: per-index
+    `item_texts` / `item_attributes` (items.jsonl), or an `items` list of {item_id, text,
+    attributes} or dict by id; {} for a bundle (or an engine process's BundleInfo) with none."""
+    ids = list(getattr(bundle, "item_ids", []) or [])
+    texts = getattr(bundle, "item_texts", None)
+    attrs = getattr(bundle, "item_attributes", None)
+    if texts or attrs:
+        out: dict[str, dict[str, Any]] = {}
+        for i, iid in enumerate(ids):
+            t = texts[i] if texts and i < len(texts) else None
+            a = attrs[i] if attrs and i < len(attrs) else None
+            if t is not None or a:
+                out[str(iid)] = {"text": t, "attributes": a}
+        return out
     items = getattr(bundle, "items", None)
     if not items:
         return {}
@@ -43,7 +55,7 @@ def base_items_of(bundle: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for i, it in enumerate(items):
         if isinstance(it, dict):
-            iid = it.get("item_id", bundle.item_ids[i] if i < len(bundle.item_ids) else None)
+            iid = it.get("item_id", ids[i] if i < len(ids) else None)
             if iid is not None:
                 out[str(iid)] = it
     return out

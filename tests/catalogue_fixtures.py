@@ -98,7 +98,7 @@ class LiveEngine(RecommendEngine):
                 sm = torch.cat([sm, sids[:, k:k + 1]], 1)
             else:
                 sm[:, i] = sids[:, k]
-            if attributes is not None:
+            if attributes is not None and attributes[k] is not None:  # None: leave them as they are
                 self._attrs[iid] = dict(attributes[k])
         self.sid_map = sm.to(self.device)
         self.trie = PrefixTrie.build(sm, self.cfg.layout.cardinalities).to(self.device)
