@@ -47,6 +47,7 @@ class CatalogueFollower:
         self.caught_up = False
         self.resyncs = 0
         self.apply_errors = 0
+        self.live_timeout_s = 30.0  # longest wait for a background trie rebuild before moving on
         self.last_applied_at = 0.0
         self._task: asyncio.Task | None = None
         self._progress = asyncio.Condition()
@@ -147,10 +148,11 @@ class CatalogueFollower:
         if not (adds or attrs or mask or unmask):
             return
         engine = self.engine
+        generation: list[int] = []
 
         def work() -> None:
             if adds:
-                self._add(adds)
+                generation.extend(self._add(adds))
             if attrs:
                 engine.set_attributes([a[0] for a in attrs], [a[1] for a in attrs])
             if mask:
@@ -164,18 +166,24 @@ class CatalogueFollower:
             self.apply_errors += 1
             log.error("could not apply %d catalogue changes to the engine; the lookup gate still hides "
                       "deleted items", len(states), exc_info=True)
+        if generation:
+            await self._until_live(max(generation))
         for iid, packed, _ in adds:
             self.sids[iid] = packed
         self.deleted.update(mask)
         self.deleted.difference_update(unmask)
 
-    def _add(self, adds: list[tuple[str, int, dict | None]]) -> None:
+    def _add(self, adds: list[tuple[str, int, dict | None]]) -> list[int]:
         """engine.add_items for the batch; on a refusal, item by item so one bad entry (logged) does
         not stall the log: the lookup gate keeps responses right whatever the mirror holds."""
+        gens: list[int] = []
+
         def one(batch: list[tuple[str, int, dict | None]]) -> None:
             sids = torch.tensor([self.codec.unpack(p) for _, p, _ in batch], dtype=torch.int64).t()  # (L, n)
-            self.engine.add_items([a[0] for a in batch], sids.contiguous(), attributes=[a[2] for a in batch],
-                                  wait=False)
+            gen = self.engine.add_items([a[0] for a in batch], sids.contiguous(), attributes=[a[2] for a in batch],
+                                        wait=False)
+            if isinstance(gen, int):
+                gens.append(gen)
 
         try:
             one(adds)
@@ -185,3 +193,16 @@ class CatalogueFollower:
                     one([a])
                 except ValueError as e:
                     log.error("engine refused catalogue item %s: %s", a[0], e)
+        return gens
+
+    async def _until_live(self, generation: int) -> None:
+        """The engine rebuilds its trie off the request path (add_items(wait=False) returns the
+        generation that will serve the items): a version counts as applied once that generation is
+        live, so `wait_for` means "recommend() sees it". Polled off the engine thread."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.live_timeout_s:
+            live = await asyncio.to_thread(lambda: self.engine.trie_generation)
+            if not isinstance(live, int) or live >= generation:
+                return
+            await asyncio.sleep(0.002)
+        log.warning("trie generation %d not live after %g s; carrying on", generation, self.live_timeout_s)

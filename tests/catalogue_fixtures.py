@@ -107,7 +107,7 @@ class LiveEngine(RecommendEngine):
             self.item_mask = torch.cat([self.item_mask, torch.zeros(grow, dtype=torch.bool, device=self.device)])
         self._leaf_mask = self.item_mask[self.trie.leaf_item.long()]
         self.trie_generation += 1
-        return len(item_ids)
+        return self.trie_generation  # the generation that serves them (live at once here)
 
     def set_attributes(self, item_ids, attributes) -> list[str]:
         unknown = []
