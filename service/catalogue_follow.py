@@ -44,6 +44,7 @@ class CatalogueFollower:
         self.position = "0"
         self.sids: dict[str, int] = {}  # packed SID applied for each item added or moved
         self.deleted: set[str] = set()  # ids this follower masked in the engine
+        self.attrs: dict[str, dict] = {}  # attributes set on the engine since the bundle
         self.caught_up = False
         self.resyncs = 0
         self.apply_errors = 0
@@ -83,6 +84,19 @@ class CatalogueFollower:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.store.backend, "applied_version": self.applied, "caught_up": self.caught_up,
                 "resyncs": self.resyncs, "apply_errors": self.apply_errors, "items_changed": len(self.sids), "deleted": len(self.deleted)}
+
+    def reapply(self, engine: Any) -> None:
+        """Put everything this replica mirrored into a fresh engine (say a restarted engine process,
+        before it takes traffic): synchronous, on the caller's thread, waits for the trie."""
+        if self.sids:
+            ids = list(self.sids)
+            sids = torch.tensor([self.codec.unpack(self.sids[i]) for i in ids], dtype=torch.int64).t()
+            engine.add_items(ids, sids.contiguous(), attributes=[self.attrs.get(i) for i in ids], wait=True)
+        rest = [i for i in self.attrs if i not in self.sids]
+        if rest:
+            engine.set_attributes(rest, [self.attrs[i] for i in rest])
+        if self.deleted:
+            engine.set_masked(sorted(self.deleted), True)
 
     # --- following --------------------------------------------------------------------------------
 
@@ -170,6 +184,8 @@ class CatalogueFollower:
             await self._until_live(max(generation))
         for iid, packed, _ in adds:
             self.sids[iid] = packed
+        self.attrs.update((iid, a) for iid, _, a in adds if a is not None)
+        self.attrs.update(attrs)
         self.deleted.update(mask)
         self.deleted.difference_update(unmask)
 

@@ -71,8 +71,17 @@ def test_cold_start_item_gets_its_topic_prefix_and_is_recommended(tbundle):
             assert await app.state.runtime.index.lookup([moved]) == ["new-perfume"]
             assert (await client.get("/v1/items/new-perfume")).json()["attributes"] == {"brand": ["y"]}
             assert app.state.metrics.value("sidrec_catalogue_version") == 3
+            # a fresh engine (as after an engine-process restart) gets the mirror back before traffic
+            rt = app.state.runtime
+            fresh = type(rt.engine).from_path(str(tbundle), rt.engine.options)
+            await client.delete("/v1/items/t3-1", headers=AUTH)
+            rt.follower.reapply(fresh)
+            assert list(fresh.item_sid("new-perfume")) == moved and fresh.attributes_of("new-perfume") == {"brand": ["y"]}
+            res = fresh.recommend([fresh.to_internal(["t3-0"])[0]], 64, 64)  # 65 items, one masked: all others
+            got = {fresh.item_ids[i] for i in res.items[0, : int(res.n_valid[0])].tolist()}
+            assert "t3-1" not in got and "new-perfume" in got and len(got) == 64
             info = (await client.get("/v1/model")).json()
-            assert info["catalogue_version"] == 3 and info["catalogue"]["embedding"]["model"] == "hashed:64"
+            assert info["catalogue_version"] == 4 and info["catalogue"]["embedding"]["model"] == "hashed:64"
     run(go())
 
 
