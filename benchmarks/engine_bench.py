@@ -43,7 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sidrec.kernels.beam_step_ref import beam_step_reference  # noqa: E402
-from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.model.sid_assign import append_dedup_digit  # noqa: E402
 from sidrec.model.beam_search import beam_search, encode_histories  # noqa: E402
 from sidrec.model.config import BOS_ID, ModelConfig, SIDLayout  # noqa: E402
 from sidrec.model.engine import tune_glibc_malloc  # noqa: E402

@@ -62,7 +62,8 @@ import torch  # noqa: E402
 
 from sidrec.kernels.beam_step_ref import beam_step_reference  # noqa: E402
 from sidrec.kernels.level_mask import propagate  # noqa: E402
-from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.model.sid_assign import append_dedup_digit  # noqa: E402
 
 HISTORY = 20  # items per request history
 TOP_N = 10

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.model.sid_assign import append_dedup_digit  # noqa: E402
 
 TARGET = 16.0  # bytes per item we hold ourselves to (STATIC reports ~9 without the PID maps)
 

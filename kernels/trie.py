@@ -215,22 +215,3 @@ class PrefixTrie:
         out = torch.where(alive, self.leaf_item[state.clamp(min=0)].long(), torch.full_like(state, -1))
         return out.reshape(shape)
 
-
-def append_dedup_digit(codes: Tensor) -> tuple[Tensor, int]:
-    """codes (k, N) -> (k + 1, N) SIDs whose last row numbers the items sharing the same k codes
-    (0 for the first in item order, 1, 2, ...), and that digit's cardinality. Vectorised: used to
-    make unique catalogues of millions of items for benchmarks and device checks."""
-    codes = torch.as_tensor(codes, dtype=torch.int64)
-    k, n = codes.shape
-    key = torch.zeros(n, dtype=torch.int64)
-    for l in range(k):
-        key = key * (int(codes[l].max()) + 1 if n else 1) + codes[l]
-    order = torch.argsort(key, stable=True)
-    sk = key[order]
-    start = torch.ones(n, dtype=torch.bool)
-    start[1:] = sk[1:] != sk[:-1]
-    pos = torch.arange(n)
-    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values  # run start per item
-    dedup = torch.empty(n, dtype=torch.int64)
-    dedup[order] = pos - first
-    return torch.cat([codes, dedup[None]]), (int(dedup.max()) + 1 if n else 1)

@@ -82,6 +82,40 @@ async def masked_items(rt: ServiceRuntime = Depends(runtime)) -> S.MaskedList:
     return S.MaskedList(num_masked=len(rt.masked), item_ids=sorted(rt.masked)[:1000])
 
 
+@router.post("/v1/items", response_model=S.ItemsWriteResponse, tags=["catalogue"], dependencies=[Depends(admin)])
+async def upsert_items(body: S.ItemsWriteRequest, rt: ServiceRuntime = Depends(runtime)) -> S.ItemsWriteResponse:
+    """Add or update up to 1,000 items (id, text, attributes): new text gets a semantic id from the
+    bundle's embedding model and codebooks; served by every replica within a second, no restart."""
+    return await rt.require_items().upsert(body)
+
+
+@router.get("/v1/items/{item_id}", response_model=S.ItemInfo, tags=["catalogue"])
+async def get_item(item_id: str, rt: ServiceRuntime = Depends(runtime)) -> S.ItemInfo:
+    """One item as the catalogue knows it: SID, text, attributes, deleted, from the bundle or added."""
+    return await rt.require_items().get(item_id)
+
+
+@router.delete("/v1/items/{item_id}", response_model=S.ItemsDeleteResponse, tags=["catalogue"],
+               dependencies=[Depends(admin)])
+async def delete_item(item_id: str, rt: ServiceRuntime = Depends(runtime)) -> S.ItemsDeleteResponse:
+    """Delete an item: once this returns, no replica's response contains it."""
+    return await rt.require_items().set_deleted([item_id], True)
+
+
+@router.post("/v1/items/delete", response_model=S.ItemsDeleteResponse, tags=["catalogue"],
+             dependencies=[Depends(admin)])
+async def delete_items(body: S.ItemIdsRequest, rt: ServiceRuntime = Depends(runtime)) -> S.ItemsDeleteResponse:
+    """Delete up to 1,000 items at once."""
+    return await rt.require_items().set_deleted(body.item_ids, True)
+
+
+@router.post("/v1/items/restore", response_model=S.ItemsDeleteResponse, tags=["catalogue"],
+             dependencies=[Depends(admin)])
+async def restore_items(body: S.ItemIdsRequest, rt: ServiceRuntime = Depends(runtime)) -> S.ItemsDeleteResponse:
+    """Bring deleted items back (same SID)."""
+    return await rt.require_items().set_deleted(body.item_ids, False)
+
+
 @router.get("/healthz", response_model=S.HealthResponse, tags=["ops"],
             responses={503: {"description": "the engine's restarts keep failing (error body)"}})
 async def healthz(rt: ServiceRuntime = Depends(runtime)):
@@ -98,7 +132,8 @@ async def readyz(rt: ServiceRuntime = Depends(runtime)):
     """Readiness: model loaded, warmed up, and the inverse index reachable."""
     state = await rt.readiness()
     if state["status"] != "ready":
-        missing = [k for k in ("model_loaded", "warmed", "index_reachable", "engine_healthy") if not state[k]]
+        missing = [k for k in ("model_loaded", "warmed", "index_reachable", "engine_healthy", "catalogue_caught_up")
+                   if not state[k]]
         return error_response(503, "not_ready", "not ready: " + (", ".join(missing) or "shutting down"), state,
                               {"Retry-After": "1"})
     return JSONResponse(state)

@@ -77,6 +77,7 @@ class RecommendEntry:
     beam_width: int
     top_n: int
     exclude: list[int] = field(default_factory=list)
+    filters: dict[str, list[str]] | None = None  # attribute -> allowed values (a mask inside the beam)
 
 
 @dataclass
@@ -432,8 +433,10 @@ class DynamicBatcher:
 
     def _run_recommend(self, items: list[tuple[Job, int, RecommendEntry]]) -> None:
         def call(entries: list[RecommendEntry]) -> Any:
+            # filters ride along only when a request has one (the engine's cheap path otherwise)
+            filt = {"filters": [e.filters for e in entries]} if any(e.filters for e in entries) else {}
             return self.engine.recommend([e.history for e in entries], [e.beam_width for e in entries],
-                                         max(e.top_n for e in entries), exclude=[e.exclude for e in entries])
+                                         max(e.top_n for e in entries), exclude=[e.exclude for e in entries], **filt)
 
         def store(chunk: list, res: Any) -> None:
             items_l, sids_l, scores_l, n_valid = (res.items.tolist(), res.sids.tolist(), res.scores.tolist(),

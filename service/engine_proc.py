@@ -40,7 +40,8 @@ from sidrec.model.engine import CatalogueIds
 
 log = logging.getLogger("sidrec.engine")
 
-_METHODS = ("recommend", "score", "set_masked", "ping")
+_METHODS = ("recommend", "score", "set_masked", "ping", "add_items", "set_attributes", "item_sid", "sid_owner",
+            "attributes_of", "trie_generation")
 
 
 class EngineUnavailable(RuntimeError):
@@ -121,7 +122,11 @@ def _serve(conn, path: str, options) -> None:
         try:
             if method not in _METHODS:
                 raise ValueError(f"unknown engine method {method!r}")
-            out = "pong" if method == "ping" else getattr(engine, method)(*args, **kwargs)
+            if method == "ping":
+                out = "pong"
+            else:
+                out = getattr(engine, method)
+                out = out(*args, **kwargs) if callable(out) else out  # trie_generation is a property
             if isinstance(out, BeamResult):
                 out = BeamResult(out.items.cpu(), out.sids.cpu(), out.scores.cpu(), out.n_valid.cpu())
             conn.send((call_id, "ok", out))
@@ -173,8 +178,8 @@ class EngineProcess(CatalogueIds):
 
     # --- the RecommendEngine surface ------------------------------------------------------------
 
-    def recommend(self, histories, beam_width, top_n, exclude=None) -> BeamResult:
-        return self._call("recommend", histories, beam_width, top_n, exclude=exclude)
+    def recommend(self, histories, beam_width, top_n, exclude=None, **kw) -> BeamResult:
+        return self._call("recommend", histories, beam_width, top_n, exclude=exclude, **kw)
 
     def score(self, histories, candidates) -> torch.Tensor:
         return self._call("score", histories, candidates)
@@ -200,7 +205,6 @@ class EngineProcess(CatalogueIds):
     @property
     def closed(self) -> bool:
         return self._broken is not None and self._broken[0] == "closed"
-
     def alive(self) -> bool:
         return self._proc.is_alive()
 
@@ -276,9 +280,38 @@ class EngineProcess(CatalogueIds):
                 return
             self._conn.close()
             self._proc, self._conn, self._unit_s = new._proc, new._conn, new._unit_s
+            # Items added at run time were re-added by `prepare` in their original order, so their
+            # internal indices are the ones this proxy already maps; take the new child's map anyway.
+            self.item_ids, self.index_of = new.item_ids, new.index_of
             with self._state_lock:
                 self._broken = None
         log.warning("engine restarted: pid %s serving %s", self._proc.pid, self.version)
+
+    # --- the living catalogue (forwarded; service.catalogue_follow is the caller) ---------------------
+
+    def add_items(self, item_ids, sids, attributes=None, wait=False) -> int:
+        out = self._call("add_items", list(item_ids), sids, attributes=attributes, wait=wait)
+        new = [i for i in dict.fromkeys(item_ids) if i not in self.index_of]
+        if new:  # the engine appends new items after the bundle's: mirror their internal indices here
+            self.item_ids = self.item_ids + new  # a new list: the bundle's own stays as loaded
+            self.index_of.update((iid, len(self.item_ids) - len(new) + k) for k, iid in enumerate(new))
+        return out
+
+    def set_attributes(self, item_ids, attributes) -> list[str]:
+        return self._call("set_attributes", list(item_ids), attributes)
+
+    def item_sid(self, item_id):
+        return self._call("item_sid", item_id)
+
+    def sid_owner(self, sid):
+        return self._call("sid_owner", sid)
+
+    def attributes_of(self, item_id):
+        return self._call("attributes_of", item_id)
+
+    @property
+    def trie_generation(self) -> int:
+        return self._call("trie_generation")
 
     # --- plumbing -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ ONE round trip. `InProcessIndex` is the embedded default (a dict built from the 
     {ns}:{version}:meta               hash: num_items, cardinalities, span, fingerprint, complete
     {ns}:{version}:sid:{bucket}       hash: field = SID offset inside the bucket, value = item id
     {ns}:masked                       set of masked item ids, shared by every worker
+    {ns}:{version}:cat:*              the living catalogue's changes since the bundle (`service.catalogue_store`)
 
 A SID (c_0, ..., c_{L-1}) is packed as the mixed-radix integer s = ((c_0 C_1 + c_1) C_2 + ...);
 its bucket is s // span, i.e. a SID prefix. `span` is chosen per catalogue so each bucket holds
@@ -20,6 +21,11 @@ map, given by the runtime) minus the items it last knew to be masked, and says s
 `sidrec_index_degraded` gauge and `sidrec_index_fallback_lookups_total`; after a failure it
 serves from the fallback for `retry_after_s` before one request tries Redis again, so recovery
 after Redis returns takes about that long, and one request at a time, not all, waits on a dead server.
+The lookup is the final gate of the living catalogue: a SID the catalogue gave to an added (or
+moved) item maps to it through `cat:owner` before the bundle's bucket is read, a bundle SID its
+item left maps to nothing, and an id in `cat:deleted` maps to nothing, whatever a replica's engine
+still holds. `SidCodec` is the one owner of SID packing outside `kernels/` (the trie keeps its own
+sort key, kernels being a leaf that imports nothing of ours).
 This module does not load or drop versions (see `service.index_store`).
 """
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -59,6 +65,12 @@ class SidCodec:
     def pack_tensor(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., L) -> (...) int64 packed SIDs."""
         return (codes.to(torch.int64) * torch.tensor(self.weights, dtype=torch.int64)).sum(-1)
+
+    def unpack(self, packed: int) -> tuple[int, ...]:
+        out = []
+        for w, c in zip(self.weights, self.cardinalities):
+            out.append((int(packed) // w) % c)
+        return tuple(out)
 
     def split(self, packed: int) -> tuple[int, str]:
         return packed // self.span, str(packed % self.span)
@@ -126,10 +138,11 @@ class InProcessIndex(InverseIndex):
         super().__init__(version, metrics)
         self.codec = SidCodec(cardinalities)
         packed = self.codec.pack_tensor(sid_map.t().cpu()).tolist()  # (N,)
-        self._map = dict(zip(packed, item_ids))
+        self.base = dict(zip(packed, item_ids))  # packed bundle SID -> item id
+        self.resolve: Callable[[int], str | None] = self.base.get  # the catalogue store replaces it
 
     async def _lookup(self, sids: Sequence[Sequence[int]]) -> list[str | None]:
-        return [self._map.get(self.codec.pack(s)) for s in sids]
+        return [self.resolve(self.codec.pack(s)) for s in sids]
 
 
 def keys(namespace: str, version: str | None = None) -> dict[str, str]:
@@ -137,15 +150,19 @@ def keys(namespace: str, version: str | None = None) -> dict[str, str]:
     k = {"current": f"{namespace}:current", "previous": f"{namespace}:previous", "versions": f"{namespace}:versions", "masked": f"{namespace}:masked"}
     if version is not None:
         k.update(meta=f"{namespace}:{version}:meta", bucket_prefix=f"{namespace}:{version}:sid:",
-                 pattern=f"{namespace}:{version}:*")
+                 pattern=f"{namespace}:{version}:*", cat_prefix=f"{namespace}:{version}:cat:")
     return k
 
 
-# KEYS[i] is the bucket of SID i, ARGV[i] its field; a missing field comes back as nil.
+# KEYS[1] the catalogue's owner hash, KEYS[2] its deleted set, KEYS[i + 2] the bundle bucket of
+# SID i; ARGV[2i - 1] its packed value, ARGV[2i] its field. nil: no live item holds the SID.
 _LOOKUP_LUA = """
 local out = {}
-for i = 1, #KEYS do
-  out[i] = redis.call('HGET', KEYS[i], ARGV[i])
+for i = 1, #KEYS - 2 do
+  local id = redis.call('HGET', KEYS[1], ARGV[2 * i - 1])
+  if id == false then id = redis.call('HGET', KEYS[i + 2], ARGV[2 * i]) end
+  if id == '' or (id and redis.call('SISMEMBER', KEYS[2], id) == 1) then id = false end
+  out[i] = id
 end
 return out
 """
@@ -244,15 +261,16 @@ class RedisInverseIndex(InverseIndex):
             await self.attach()
         codec = self.codec
         assert codec is not None
-        prefix = self.keys["bucket_prefix"]
-        bucket_keys, fields = [], []
+        prefix, cat = self.keys["bucket_prefix"], self.keys["cat_prefix"]
+        bucket_keys, args = [cat + "owner", cat + "deleted"], []
         for s in sids:
-            b, f = codec.split(codec.pack(s))
+            packed = codec.pack(s)
+            b, f = codec.split(packed)
             bucket_keys.append(prefix + str(b))
-            fields.append(f)
+            args += (str(packed), f)
         # One EVALSHA does every HGET server-side: one round trip and one command to encode,
         # where a pipeline of per-bucket HMGETs costs ~25 us of client CPU per bucket touched.
-        return list(await self._script(keys=bucket_keys, args=fields))
+        return list(await self._script(keys=bucket_keys, args=args))
 
     async def ping(self) -> bool:
         try:

@@ -107,6 +107,16 @@ class ServiceMetrics:
                                               registry=r)
         self.queue_work = Gauge("sidrec_queue_work", "Work units (beams, scored candidates) waiting for the engine.",
                                 registry=r, multiprocess_mode="livesum")
+        # The living catalogue (service.catalogue_follow).
+        self.catalogue_version = Gauge("sidrec_catalogue_version", "Catalogue version applied to this replica's engine.",
+                                       registry=r, multiprocess_mode="livemin")
+        self.catalogue_caught_up = Gauge("sidrec_catalogue_caught_up", "1 while the catalogue follower is caught up.",
+                                         registry=r, multiprocess_mode="livemin")
+        self.catalogue_resyncs = Gauge("sidrec_catalogue_resyncs", "Snapshot resyncs after a trimmed change log.",
+                                       registry=r, multiprocess_mode="livesum")
+        self.catalogue_apply_errors = Gauge("sidrec_catalogue_apply_errors",
+                                            "Catalogue changes the engine refused (logged).", registry=r,
+                                            multiprocess_mode="livesum")
 
     def set_model(self, version: str, num_items: int, device: str, index_backend: str) -> None:
         labels = (version, str(num_items), device, index_backend)
@@ -115,6 +125,13 @@ class ServiceMetrics:
             self.model.labels(*self._model_labels).set(0)
         self.model.labels(*labels).set(1)
         self._model_labels = labels
+
+    def watch_catalogue(self, follower) -> None:
+        """Read the follower's state at scrape time (no bookkeeping on the hot path)."""
+        self.catalogue_version.set_function(lambda: follower.applied)
+        self.catalogue_caught_up.set_function(lambda: float(follower.caught_up))
+        self.catalogue_resyncs.set_function(lambda: follower.resyncs)
+        self.catalogue_apply_errors.set_function(lambda: follower.apply_errors)
 
     def render(self) -> bytes:
         """The exposition: this app's registry, or with several workers every worker's files."""

@@ -1,24 +1,35 @@
-"""ServiceRuntime: what the routes call — engine + batcher + inverse index + masks, no HTTP.
+"""ServiceRuntime: what the routes call — engine + batcher + inverse index + catalogue + masks, no HTTP.
 
 It owns startup (load the bundle, open the index, warm up), shutdown, and the request logic that
 sits between the schemas and the engine: id mapping, exclusion lists, calling the batcher, one
-inverse-index round trip per request, building responses. Route handlers stay one-liners.
+inverse-index round trip per request, building responses. The living catalogue (store, follower,
+item writes) is built here at startup (`_open_catalogue`) and lives in `service.catalogue_*` and
+`service.items`. Route handlers stay one-liners.
 It imports no web framework; errors are `service.errors.APIError` (status, code, message).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
 
 from sidrec.model.bundle import BundleError
 from sidrec.model.engine import EngineOptions, RecommendEngine
+from sidrec.model.sid_assign import codebooks_of
+from sidrec.model.text_embed import TextEmbedder
 from sidrec.service import schemas as S
 from sidrec.service.batcher import (BatcherClosed, DeadlineExceeded, DynamicBatcher, QueueFull, RecommendEntry,
                              RecommendOutput, ScoreEntry)
 from sidrec.service.engine_proc import EngineProcess, EngineUnavailable, HangPolicy
 from sidrec.service.errors import APIError
-from sidrec.service.index import InProcessIndex, IndexUnavailable, InverseIndex, RedisInverseIndex
+from sidrec.service.catalogue_follow import CatalogueFollower
+from sidrec.service.catalogue_store import CatalogueStore, InProcessCatalogueStore, RedisCatalogueStore
+from sidrec.service.index import InProcessIndex, IndexUnavailable, InverseIndex, RedisInverseIndex, SidCodec
+from sidrec.service.items import ItemCatalogue, base_items_of
 from sidrec.service.metrics import ServiceMetrics
 from sidrec.service.settings import Settings
 from sidrec.service.watchdog import EngineWatchdog
@@ -43,6 +54,9 @@ class ServiceRuntime:
         self.ready = False
         self._mask_task: asyncio.Task | None = None
         self._registry_task: asyncio.Task | None = None  # this replica's record in Redis (service.replicas)
+        self.store: CatalogueStore | None = None
+        self.follower: CatalogueFollower | None = None
+        self.items: ItemCatalogue | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -64,6 +78,7 @@ class ServiceRuntime:
         self.metrics.set_model(self.engine.version, self.engine.num_items, s.device, self.index.backend)
         self.batcher = DynamicBatcher.from_settings(self.engine, s, self.metrics)
         self.batcher.start()
+        await self._open_catalogue(self.engine, self.index)
         if self.index.shares_masks:
             await self.sync_masks()
             self._mask_task = asyncio.create_task(self._mask_loop(), name="sidrec-mask-sync")
@@ -75,6 +90,8 @@ class ServiceRuntime:
             # A restarted child gets the warm-up and the live masks before it takes traffic.
             self.watchdog.prepare_hooks += [self._warm] if s.warmup else []
             self.watchdog.prepare_hooks.append(self._remask)
+            if self.follower is not None:  # and the living catalogue, before the masks
+                self.watchdog.prepare_hooks.insert(len(self.watchdog.prepare_hooks) - 1, self.follower.reapply)
             self.watchdog.start()
         self.warmed = True
         self.ready = True
@@ -113,6 +130,55 @@ class ServiceRuntime:
         index.set_fallback(InProcessIndex(engine.version, engine.bundle.sid_map, engine.item_ids, cards))
         return index
 
+    async def _open_catalogue(self, engine: RecommendEngine, index: InverseIndex) -> None:
+        """The catalogue store (Redis beside the index, or in process), caught up into the engine."""
+        s = self.settings
+        cards = engine.cfg.layout.cardinalities
+        codec = SidCodec(cards)
+        base_ids = list(engine.bundle.item_ids)[: engine.bundle.sid_map.shape[1]]
+        packed = codec.pack_tensor(engine.bundle.sid_map.t().cpu()).tolist()
+        base_sid = dict(zip(base_ids, packed))
+        if isinstance(index, RedisInverseIndex):
+            import redis.asyncio as aioredis
+
+            assert index.codec is not None
+            follow = aioredis.Redis.from_url(s.redis_url, socket_timeout=s.catalogue_block_s + s.redis_timeout_s,
+                                             socket_connect_timeout=s.redis_timeout_s, decode_responses=True)
+            self.store = RedisCatalogueStore(index.client, s.redis_namespace, engine.version, index.codec,
+                                             s.catalogue_log_maxlen, follow_client=follow)
+        else:
+            assert isinstance(index, InProcessIndex)
+            store = InProcessCatalogueStore(index.base, s.catalogue_log_maxlen)
+            index.resolve = store.resolve  # the final gate: deletions and added SIDs, in process
+            self.store = store
+        assert self.batcher is not None
+        self.follower = CatalogueFollower(self.store, engine, self.batcher.run_exclusive, codec, base_sid,
+                                          admin_masked=self.masked.__contains__, block_s=s.catalogue_block_s)
+        self.metrics.watch_catalogue(self.follower)
+        try:
+            await self.follower.start()
+        except Exception as e:
+            raise StartupError(f"refusing to start: cannot catch up with the catalogue store "
+                               f"({type(e).__name__}: {e})") from None
+        fallback = getattr(index, "fallback", None)
+        if isinstance(fallback, InProcessIndex):  # Redis away: the mirror stays the final gate
+            fallback.resolve = self.follower.mirror_resolver(fallback.base)
+        cfg = engine.bundle.config
+        codebooks = self._codebooks(engine)
+        method = (cfg.get("sid") or {}).get("method", "rq_kmeans")
+        embedder = TextEmbedder.from_config(cfg, "cpu") if codebooks and method == "rq_kmeans" else None
+        self.items = ItemCatalogue(s, self.store, self.follower, codec, base_sid, base_items_of(engine.bundle),
+                                   codebooks, embedder, bool((cfg.get("sid") or {}).get("spread_collisions")),
+                                   engine.version)
+
+    def _codebooks(self, engine: RecommendEngine) -> list[np.ndarray]:
+        """The bundle's quantizer codebooks in level order ([] when it has none)."""
+        books = getattr(engine.bundle, "codebooks", None) or {}
+        if not books:  # the engine process's BundleInfo does not carry them: read the file
+            f = Path(self.settings.bundle_path) / "codebooks.safetensors"
+            books = load_file(str(f)) if f.is_file() else {}
+        return codebooks_of({k: np.asarray(v) for k, v in books.items() if k != "empty"})
+
     def _autoload(self, engine: RecommendEngine) -> None:
         import redis
 
@@ -149,6 +215,10 @@ class ServiceRuntime:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.store is not None:
+            await self.store.close()
         if self.batcher is not None:
             await self.batcher.stop()
         if self.index is not None:
@@ -218,15 +288,21 @@ class ServiceRuntime:
         if not known:
             raise S.no_known_history(prefix + "history", unknown)
         exclude = list(known) if req.exclude_history else []
-        if req.exclude:
-            exclude += engine.to_internal(req.exclude)[0]
-        return RecommendEntry(known, beam, top_n, exclude), unknown, min(len(known), engine.cfg.max_history)
+        if req.exclude_items or req.exclude:
+            exclude += engine.to_internal(req.exclude_items + req.exclude)[0]
+        entry = RecommendEntry(known, beam, top_n, exclude, filters=dict(req.filter) if req.filter else None)
+        return entry, unknown, min(len(known), engine.cfg.max_history)
+
+    @property
+    def catalogue_version(self) -> int:
+        return self.follower.applied if self.follower is not None else 0
 
     def _response(self, engine: RecommendEngine, req: S.RecommendRequest, entry: RecommendEntry, out: RecommendOutput,
                   ids: list[str | None], unknown: list[str], used: int) -> S.RecommendResponse:
         items = [S.RecommendedItem(item_id=i, score=sc, sid=sid if req.return_sids else None)
                  for i, sc, sid in zip(ids, out.scores, out.sids) if i is not None]
-        return S.RecommendResponse(items=items, model_version=engine.version, unknown_history_ids=unknown,
+        return S.RecommendResponse(items=items, model_version=engine.version, catalogue_version=self.catalogue_version,
+                                   unknown_history_ids=unknown,
                                    history_used=used, beam_width=entry.beam_width, top_n=entry.top_n)
 
     # --- endpoints ------------------------------------------------------------------------------
@@ -258,7 +334,8 @@ class ServiceRuntime:
             for (n, r, entry, unknown, used), out in zip(todo, outs):
                 results[n] = self._response(engine, r, entry, out, ids[pos:pos + len(out.sids)], unknown, used)
                 pos += len(out.sids)
-        return S.BatchRecommendResponse(results=results, model_version=engine.version)
+        return S.BatchRecommendResponse(results=results, model_version=engine.version,
+                                        catalogue_version=self.catalogue_version)
 
     async def score(self, req: S.ScoreRequest) -> S.ScoreResponse:
         engine = self.require_ready()
@@ -293,14 +370,31 @@ class ServiceRuntime:
                     "max_batch_requests": s.max_batch_requests, "max_candidates": s.max_candidates,
                     "max_body_bytes": s.max_body_bytes, "default_top_n": s.default_top_n,
                     "default_beam_width": s.default_beam_width},
-            num_masked=len(self.masked))
+            num_masked=len(self.masked), catalogue_version=self.catalogue_version,
+            catalogue={**(self.follower.describe() if self.follower else {}),
+                       "embedding": self.items.embedder.describe() if self.items and self.items.embedder else None})
 
     async def readiness(self) -> dict[str, Any]:
         reachable = bool(self.index is not None and await self.index.ping())
         engine_ok = self.engine is not None and self.engine_healthy()
-        return {"status": "ready" if (self.ready and reachable and engine_ok) else "not_ready",
+        caught_up = bool(self.follower is not None and self.follower.caught_up)
+        # Redis away: reads go on from this replica's mirror (degraded), so the replica stays in
+        # rotation (it caught up at startup, before `ready`); once Redis answers again it must
+        # catch up again before it counts as ready (reachable, follower behind -> not ready).
+        degraded = bool(getattr(self.index, "degraded", False)) and not reachable
+        serving = (reachable and caught_up) or degraded
+        return {"status": "ready" if (self.ready and engine_ok and serving) else "not_ready",
                 "model_loaded": self.engine is not None, "warmed": self.warmed, "index_reachable": reachable,
-                "engine_healthy": engine_ok, "model_version": self.engine.version if self.engine else None}
+                "engine_healthy": engine_ok, "catalogue_caught_up": caught_up, "degraded": degraded,
+                "model_version": self.engine.version if self.engine else None,
+                "catalogue_version": self.catalogue_version}
+
+    # --- the living catalogue -------------------------------------------------------------------
+
+    def require_items(self) -> ItemCatalogue:
+        self.require_ready()
+        assert self.items is not None
+        return self.items
 
     # --- masks ----------------------------------------------------------------------------------
 
@@ -327,7 +421,9 @@ class ServiceRuntime:
             return
         assert self.batcher is not None and self.engine is not None
         engine = self.engine
-        await self.batcher.run_exclusive(lambda: engine.set_masked(ids, masked))
+        # an item deleted in the catalogue stays masked in the engine whatever the admin mask says
+        live = ids if masked or self.follower is None else [i for i in ids if i not in self.follower.deleted]
+        await self.batcher.run_exclusive(lambda: engine.set_masked(live, masked) if live else None)
         (self.masked.update if masked else self.masked.difference_update)(ids)
         self.metrics.masked_items.set(len(self.masked))
 

@@ -11,6 +11,11 @@ Decisions documented here (and in /docs):
   reported in `unknown_history_ids` and otherwise ignored.
 - `beam_width < top_n` is a 422: a beam search cannot return more items than it keeps beams.
 - In /v1/recommend/batch one bad user does not fail the call: its slot holds an error object.
+- `filter` keeps an item when, for every attribute named, one of the item's values is allowed;
+  it is a mask inside the beam (the engine's), not a post-filter. `exclude` is the deprecated
+  name of `exclude_items` (both are honoured).
+- Item writes (/v1/items) bound the text, the number of attributes, their values and lengths;
+  `text` may be omitted when updating an existing item (its SID then cannot move).
 """
 from __future__ import annotations
 
@@ -24,7 +29,14 @@ from sidrec.service.settings import Settings
 HARD_MAX_IDS = 10_000  # static cap; Settings tightens it
 HARD_MAX_ID_LEN = 1024
 
+HARD_MAX_TEXT_LEN = 8192
+HARD_MAX_ATTRIBUTES = 64
+HARD_MAX_VALUES = 1000
+
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=HARD_MAX_ID_LEN)]
+AttrName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+AttrValue = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+AttrValues = Annotated[list[AttrValue], Field(max_length=HARD_MAX_VALUES)]
 
 
 class Strict(BaseModel):
@@ -36,8 +48,14 @@ class RecommendRequest(Strict):
     top_n: int | None = Field(default=None, ge=1, le=4096, description="Items to return (default from settings).")
     beam_width: int | None = Field(default=None, ge=1, le=8192, description="Beams kept per SID level (>= top_n).")
     exclude_history: bool = Field(default=True, description="Never recommend an item already in the history.")
-    exclude: list[ItemId] = Field(default_factory=list, max_length=HARD_MAX_IDS,
-                                  description="Further item ids never to return (unknown ones are ignored).")
+    exclude_items: list[ItemId] = Field(default_factory=list, max_length=HARD_MAX_IDS,
+                                        description="Further item ids never to return (unknown ones are ignored).")
+    exclude: list[ItemId] = Field(default_factory=list, max_length=HARD_MAX_IDS, json_schema_extra={"deprecated": True},
+                                  description="Deprecated name of exclude_items.")
+    filter: dict[AttrName, AttrValues] | None = Field(
+        default=None, max_length=HARD_MAX_ATTRIBUTES,
+        description="Attribute -> allowed values: an item passes when, for every attribute named, one of its "
+                    "values is allowed. Applied inside the beam, so top_n stays full when enough items pass.")
     return_sids: bool = Field(default=True, description="Include each item's semantic id codes.")
 
 
@@ -50,6 +68,7 @@ class RecommendedItem(BaseModel):
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str
+    catalogue_version: int = Field(description="Catalogue changes this replica had applied when it answered.")
     unknown_history_ids: list[str]
     history_used: int = Field(description="Known history items fed to the model (its most recent max_history).")
     beam_width: int
@@ -73,6 +92,7 @@ class ErrorItem(BaseModel):
 class BatchRecommendResponse(BaseModel):
     results: list[Union[RecommendResponse, ErrorItem]]
     model_version: str
+    catalogue_version: int
 
 
 class ScoreRequest(Strict):
@@ -118,7 +138,9 @@ class ReadyResponse(BaseModel):
     model_loaded: bool
     warmed: bool
     index_reachable: bool
+    catalogue_caught_up: bool = False
     model_version: str | None = None
+    catalogue_version: int | None = None
 
 
 class ModelInfo(BaseModel):
@@ -134,6 +156,62 @@ class ModelInfo(BaseModel):
     index: dict[str, Any]
     limits: dict[str, int]
     num_masked: int
+    catalogue_version: int
+    catalogue: dict[str, Any]
+
+
+# --- the living catalogue ---------------------------------------------------------------------------
+
+
+class ItemIn(Strict):
+    item_id: ItemId
+    text: str | None = Field(default=None, min_length=1, max_length=HARD_MAX_TEXT_LEN,
+                             description="Item text, embedded with the bundle's model (required for a new item; "
+                                         "a changed text may move the item's SID).")
+    attributes: dict[AttrName, AttrValues] | None = Field(
+        default=None, max_length=HARD_MAX_ATTRIBUTES,
+        description="Attribute -> values (filters match them); omitted: keep the item's current ones.")
+
+
+class ItemsWriteRequest(Strict):
+    items: list[ItemIn] = Field(min_length=1, max_length=1000)
+
+
+class ItemWritten(BaseModel):
+    item_id: str
+    sid: list[int]
+
+
+class ItemsWriteResponse(BaseModel):
+    items: list[ItemWritten]
+    catalogue_version: int
+    model_version: str
+    applied_locally: bool = Field(description="This replica's engine applied the change before answering.")
+    embedded: int = Field(description="Items whose text was embedded and quantized (new or changed text).")
+    timings_ms: dict[str, float] = Field(description="Server time per phase: read, embed (+quantize), store "
+                                                     "(the atomic claim and log write), apply (this replica).")
+
+
+class ItemIdsRequest(Strict):
+    item_ids: list[ItemId] = Field(min_length=1, max_length=1000)
+
+
+class ItemsDeleteResponse(BaseModel):
+    updated: int
+    unknown_item_ids: list[str]
+    catalogue_version: int
+    model_version: str
+
+
+class ItemInfo(BaseModel):
+    item_id: str
+    sid: list[int]
+    text: str | None
+    attributes: dict[str, list[str]] | None
+    deleted: bool
+    in_bundle: bool
+    catalogue_version: int
+    model_version: str
 
 
 # --- settings-dependent checks (same 422 shape as schema validation) -------------------------------
@@ -163,7 +241,11 @@ def resolve_recommend(req: RecommendRequest, settings: Settings, prefix: str = "
         raise _invalid(prefix + "beam_width", f"beam_width ({beam}) must be >= top_n ({top_n}): "
                        "a beam search returns at most beam_width items")
     _check_ids(prefix + "history", req.history, settings.max_history_len, settings)
-    _check_ids(prefix + "exclude", req.exclude, settings.max_exclude, settings)
+    _check_ids(prefix + "exclude_items", req.exclude_items + req.exclude, settings.max_exclude, settings)
+    if req.filter is not None:
+        n = sum(len(v) for v in req.filter.values())
+        if n > settings.max_filter_values:
+            raise _invalid(prefix + "filter", f"at most {settings.max_filter_values} allowed values in all, got {n}")
     if not req.history:
         raise _invalid(prefix + "history", "is empty; send at least one known item id (oldest first)",
                        "empty_history")
@@ -191,3 +273,25 @@ def no_known_history(field: str, unknown: list[str]) -> APIError:
     return APIError(422, "unknown_history", f"{field}: none of the {len(unknown)} history ids is in the catalogue; "
                     "send ids the model was trained on (see GET /v1/model for the catalogue size)",
                     {"unknown_history_ids": shown, "num_unknown": len(unknown)})
+
+
+def check_items(req: ItemsWriteRequest, settings: Settings) -> None:
+    if len(req.items) > settings.max_items_per_write:
+        raise _invalid("items", f"at most {settings.max_items_per_write} items per call, got {len(req.items)}")
+    seen: set[str] = set()
+    for n, it in enumerate(req.items):
+        if len(it.item_id) > settings.max_item_id_len:
+            raise _invalid(f"items.{n}.item_id", f"item ids are at most {settings.max_item_id_len} characters")
+        if it.item_id in seen:
+            raise _invalid(f"items.{n}.item_id", f"item {it.item_id!r} appears twice in one call")
+        seen.add(it.item_id)
+        if it.text is not None and len(it.text) > settings.max_item_text_len:
+            raise _invalid(f"items.{n}.text", f"at most {settings.max_item_text_len} characters, got {len(it.text)}")
+        if it.attributes is not None:
+            if len(it.attributes) > settings.max_item_attributes:
+                raise _invalid(f"items.{n}.attributes",
+                               f"at most {settings.max_item_attributes} attributes, got {len(it.attributes)}")
+            for name, values in it.attributes.items():
+                if len(values) > settings.max_attribute_values:
+                    raise _invalid(f"items.{n}.attributes.{name}",
+                                   f"at most {settings.max_attribute_values} values, got {len(values)}")

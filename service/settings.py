@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     redis_autoload: bool = True
     mask_sync_interval_s: float = Field(default=2.0, gt=0.0)  # workers pick up masks shared via Redis
 
+    # --- the living catalogue (service.catalogue_store) -------------------------------------------
+    max_items_per_write: int = Field(default=1000, ge=1, le=1000)  # items per POST /v1/items
+    max_item_text_len: int = Field(default=4096, ge=1, le=8192)  # characters; MiniLM reads ~256 tokens anyway
+    max_item_attributes: int = Field(default=32, ge=0, le=64)
+    max_attribute_values: int = Field(default=64, ge=1, le=1000)  # values per attribute of an item
+    max_filter_values: int = Field(default=1000, ge=1)  # allowed values across a request's filter
+    # Change-log entries Redis keeps (XADD MAXLEN ~): a replica further behind resyncs from a snapshot.
+    catalogue_log_maxlen: int = Field(default=100_000, ge=10)
+    catalogue_block_s: float = Field(default=1.0, gt=0.0, le=10.0)  # XREAD BLOCK per follower read
+    # How long a write waits for this replica's own engine to apply it (read-your-writes).
+    catalogue_apply_wait_s: float = Field(default=1.0, ge=0.0)
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         if self.default_beam_width > self.max_beam_width:

@@ -26,6 +26,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "serve": Command("sidrec.service.cli", "serve", "run the HTTP service (uvicorn)"),
     "index": Command("sidrec.service.cli", "serve", "manage inverse-index versions in Redis"),
+    "items": Command("sidrec.service.items_cli", "serve", "bulk-add items (CSV/NDJSON/Parquet) to a running service"),
     "train": Command("sidrec.training.cli", "train", "run the offline pipeline (all stages, or one)"),
     "synth": Command("sidrec.training.cli", "train", "write the built-in synthetic dataset (P5 format)"),
     "demo-bundle": Command("sidrec.training.cli", "train", "train a small model on synthetic data, export a bundle"),

@@ -210,7 +210,7 @@ def test_both_architectures_train_and_decode(arch, objective):
     sp = leave_one_out(data)
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 8, size=(3, data.num_items))
-    from sidrec.kernels.trie import append_dedup_digit
+    from sidrec.model.sid_assign import append_dedup_digit
 
     sid, dcard = append_dedup_digit(torch.as_tensor(codes))
     layout = SIDLayout((8, 8, 8, dcard))

