@@ -252,3 +252,48 @@ def test_bulk_reader_takes_csv_ndjson_and_names_a_bad_row(tmp_path):
         next(rows)
     with pytest.raises(ValueError, match="unknown format"):
         list(read_items(tmp_path / "c.xlsx"))
+
+
+@pytest.mark.redis
+def test_degraded_reads_keep_the_catalogue_gate_while_redis_is_away(tbundle, redis_ns):
+    """With Redis unreachable, lookups come from the replica's mirror: a deleted item still maps
+    to nothing, an added item maps from its SID, an item's old SID after a move maps to nothing."""
+    import redis.asyncio as aioredis
+
+    from sidrec.service.index import _LOOKUP_LUA
+
+    _, ns = redis_ns
+
+    async def go():
+        async with running_app(_settings(tbundle, redis_url=REDIS_URL, redis_namespace=ns)) as (app, client):
+            history = [f"t2-{i}" for i in range(3)]
+            top = _ids(await client.post("/v1/recommend", json=_rec(history)))
+            gone = top[0]
+            gone_sid = (await client.get(f"/v1/items/{gone}")).json()["sid"]
+            moved_old = (await client.get("/v1/items/t5-1")).json()["sid"]
+            assert (await client.delete(f"/v1/items/{gone}", headers=AUTH)).status_code == 200
+            w = await client.post("/v1/items", headers=AUTH, json={"items": [
+                {"item_id": "fresh", "text": TOPICS[2] + " travel size"},
+                {"item_id": "t5-1", "text": TOPICS[7] + " relabelled"}]})
+            assert w.status_code == 200, w.text
+            fresh_sid, moved_new = (x["sid"] for x in w.json()["items"])
+            assert moved_new != moved_old
+            index = app.state.runtime.index
+            real = index.client, index._script
+            dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.2, socket_connect_timeout=0.2,
+                                           decode_responses=True)
+            index.client, index._script = dead, dead.register_script(_LOOKUP_LUA)
+            try:
+                out = await index.lookup([gone_sid, fresh_sid, moved_old, moved_new])
+                assert index.degraded
+                rec = await client.post("/v1/recommend", json=_rec(history))
+                ready = (await client.get("/readyz")).json()
+            finally:
+                index.client, index._script = real
+                await dead.aclose()
+            return out, _ids(rec), ready
+
+    out, rec, ready = run(go())
+    assert out == [None, "fresh", None, "t5-1"]
+    assert len(rec) == 20  # answered in full while degraded
+    assert ready["degraded"] is True and ready["status"] == "ready"
