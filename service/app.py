@@ -4,7 +4,7 @@ The lifespan loads the bundle, opens the inverse index, warms the engine up and 
 `ServiceRuntime` on `app.state.runtime`; on shutdown it drains the batcher and closes the index.
 A broken bundle or an unreachable Redis makes startup fail with a message naming the cause.
 Handlers only parse, delegate to the runtime and return; errors share one body shape
-(`service.errors`). Run it with `python -m sidrec.service serve` (uvicorn); with several workers uvicorn
+(`service.errors`). Run it with `sidrec serve` (uvicorn); with several workers uvicorn
 calls `create_app()` with no argument, which reads `Settings()` from the SIDREC_* environment.
 """
 from __future__ import annotations
@@ -80,6 +80,29 @@ async def mask_items(body: S.MaskRequest, rt: ServiceRuntime = Depends(runtime))
 @router.get("/v1/admin/mask", response_model=S.MaskedList, tags=["admin"], dependencies=[Depends(admin)])
 async def masked_items(rt: ServiceRuntime = Depends(runtime)) -> S.MaskedList:
     return S.MaskedList(num_masked=len(rt.masked), item_ids=sorted(rt.masked)[:1000])
+
+
+@router.post("/v1/admin/model/load", response_model=S.ModelSwitchResponse, tags=["admin"],
+             dependencies=[Depends(admin)])
+async def load_model(body: S.ModelLoadRequest, rt: ServiceRuntime = Depends(runtime)) -> S.ModelSwitchResponse:
+    """Load a bundle version beside the serving one, warm it, re-quantize the run-time catalogue
+    under its codebooks, and switch; requests in flight finish on the model they started on."""
+    return await rt.lifecycle.load(body.bundle_path)
+
+
+@router.post("/v1/admin/model/rollback", response_model=S.ModelSwitchResponse, tags=["admin"],
+             dependencies=[Depends(admin)])
+async def rollback_model(rt: ServiceRuntime = Depends(runtime)) -> S.ModelSwitchResponse:
+    """Switch back to the version served before the last switch (kept loaded: no restart, no load)."""
+    rt.take_slot()
+    return await rt.lifecycle.rollback()
+
+
+@router.get("/v1/admin/model", response_model=S.ModelVersions, tags=["admin"], dependencies=[Depends(admin)])
+async def model_versions(rt: ServiceRuntime = Depends(runtime)) -> S.ModelVersions:
+    """The serving version, the one kept for rollback, and the last switches."""
+    rt.take_slot()
+    return rt.lifecycle.describe()
 
 
 @router.post("/v1/items", response_model=S.ItemsWriteResponse, tags=["catalogue"], dependencies=[Depends(admin)])
@@ -171,6 +194,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("%s", e if isinstance(e, StartupError) else f"refusing to start: {type(e).__name__}: {e}")
             await rt.stop()
             raise
+        if settings.reload_on_sighup and settings.workers == 1:
+            rt.lifecycle.install_signal_handler()  # SIGHUP: reload bundle_path beside the serving model
         try:
             yield
         finally:

@@ -124,6 +124,41 @@ class MaskResponse(BaseModel):
     shared: bool = Field(description="True when the mask is shared with every worker through Redis.")
 
 
+class ModelLoadRequest(Strict):
+    bundle_path: str = Field(min_length=1, max_length=4096,
+                             description="A bundle directory under the bundle root (SIDREC_BUNDLE_ROOT), absolute "
+                                         "or relative to it.")
+
+
+class ModelSwitchResponse(BaseModel):
+    action: str = Field(description="load or rollback")
+    model_version: str = Field(description="The version now serving new requests.")
+    previous_version: str | None
+    catalogue_version: int
+    load_s: float = Field(description="Load + warm-up + catalogue re-quantization + switch, seconds.")
+    switch_ms: float = Field(description="The switch itself: new requests go to the new model from then on.")
+    migrated_items: int = Field(description="Run-time items given SIDs under the new model's codebooks.")
+    lost_items: list[str] = Field(description="Run-time items that could not be carried (no text).")
+    peak_rss_mb: float = Field(description="Peak resident memory of the service and its engines during the load.")
+    reused_loaded_slot: bool = Field(description="True when the target was still loaded (rollback): no load.")
+
+
+class LoadedVersion(BaseModel):
+    version: str
+    bundle_path: str
+    loaded_at: float
+    load_s: float
+    requests_in_flight: int
+    catalogue_version: int
+
+
+class ModelVersions(BaseModel):
+    current: LoadedVersion | None
+    previous: LoadedVersion | None = Field(description="Kept loaded for an instant rollback.")
+    history: list[dict[str, Any]] = Field(description="The last switches, newest last.")
+    reload_in_progress: bool
+
+
 class MaskedList(BaseModel):
     num_masked: int
     item_ids: list[str] = Field(description="Up to the first 1000 masked ids.")

@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     # How long a write waits for this replica's own engine to apply it (read-your-writes).
     catalogue_apply_wait_s: float = Field(default=1.0, ge=0.0)
 
+    # Model lifecycle (service.lifecycle): load a new version beside the running one, switch, roll back.
+    # Bundles an admin reload may name must lie under this folder (None: the parent of bundle_path).
+    bundle_root: str | None = None
+    reload_headroom_mb: int = Field(default=256, ge=0)  # memory left over once both models are loaded
+    keep_previous_model: bool = True  # keep the old slot loaded after a switch: rollback is instant
+    reload_drain_s: float = Field(default=30.0, gt=0.0)  # wait this long for requests on a replaced slot
+    # SIGHUP reloads bundle_path (one worker only: with several, uvicorn's supervisor owns the signal)
+    reload_on_sighup: bool = True
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         if self.default_beam_width > self.max_beam_width:
