@@ -189,11 +189,18 @@ class ModelLifecycle:
 
     def _resolve(self, bundle_path: str) -> Path:
         root, path = self._root(), Path(bundle_path)
-        path = (path if path.is_absolute() else root / path).resolve()
+        try:
+            path = (path if path.is_absolute() else root / path).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, ...
+            raise APIError(422, "invalid_request", f"bundle_path {bundle_path!r} is not a usable path ({e})") from None
         if not path.is_relative_to(root):
             raise APIError(422, "invalid_request", f"bundle_path {bundle_path!r} is outside the bundle root {root} "
                            "(SIDREC_BUNDLE_ROOT); only bundles under it can be loaded")
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
             raise APIError(422, "bundle_unusable", f"no bundle directory at {path}")
         return path
 

@@ -212,3 +212,14 @@ def test_sighup_reloads_the_bundle_path(root, tmp_path):
         assert run(go()) == v2
     finally:
         link.unlink()
+
+
+def test_unusable_paths_get_a_422_not_a_500(root):
+    """Found by the fuzz drill: a NUL byte in bundle_path made Path.resolve raise."""
+    async def go():
+        async with running_app(_settings(root / "v1", root)) as (app, client):
+            return [await client.post("/v1/admin/model/load", headers=AUTH, json={"bundle_path": p})
+                    for p in ("v\x002", "nope", "../" * 40 + "etc")]
+
+    for r in run(go()):
+        assert r.status_code == 422 and r.json()["error"]["code"] in ("invalid_request", "bundle_unusable"), r.text
