@@ -69,15 +69,15 @@ def build_bundle(path: Path, n_base: int, seed: int = 0) -> Path:
                        extra_config={"sid": {"method": "rq_kmeans"}}, overwrite=True)
 
 
-async def serve(bundle: Path, ns: str, stand_in: bool):
+async def serve(bundle: Path, ns: str):
     import httpx
     from catalogue_drill import _LAUNCH, free_port, wait_ready
 
     port = free_port()
     env = dict(os.environ, SIDREC_BUNDLE_PATH=str(bundle), SIDREC_REDIS_URL=REDIS_URL, SIDREC_REDIS_NAMESPACE=ns,
-               SIDREC_ADMIN_TOKEN=TOKEN, SIDREC_NUM_THREADS="2", SIDREC_ENGINE_PROCESS="false" if stand_in else "true",
+               SIDREC_ADMIN_TOKEN=TOKEN, SIDREC_NUM_THREADS="2", SIDREC_ENGINE_PROCESS="true",
                SIDREC_LOG_LEVEL="warning", SIDREC_CATALOGUE_APPLY_WAIT_S="30")
-    code = _LAUNCH.format(root=str(ROOT), tests=str(ROOT / "tests"), stand_in=stand_in, port=port)
+    code = _LAUNCH.format(root=str(ROOT), tests=str(ROOT / "tests"), port=port)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(timeout=10) as c:
@@ -93,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import redis
 
-    from sidrec.model.engine import RecommendEngine
     from sidrec.service.index_store import drop_namespace
     from sidrec.service.items_cli import ingest
 
-    stand_in = not hasattr(RecommendEngine, "add_items")
     tmp = Path(tempfile.mkdtemp(prefix="sidrec-ingest-"))
     bundle = build_bundle(tmp / "bundle", args.base)
     rng = random.Random(1)
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"item_id": f"new{i}", "text": product_text(rng),
                                 "attributes": {"brand": [f"B{rng.randrange(500)}"]}}) + "\n")
     ns = f"sidrec-ingest-{uuid.uuid4().hex[:8]}"
-    proc, url = asyncio.run(serve(bundle, ns, stand_in))
+    proc, url = asyncio.run(serve(bundle, ns))
     try:
         rep = ingest(str(tmp / "items.jsonl"), url, TOKEN, args.batch)
     finally:
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         client = redis.Redis.from_url(REDIS_URL)
         drop_namespace(client, ns)
         client.close()
-    rep.update(stand_in_engine=stand_in, base_items=args.base,
+    rep.update(base_items=args.base,
                extrapolated_100k_s=round(100_000 * rep["wall_s"] / max(rep["items"], 1), 1))
     for k, v in rep.items():
         print(f"{k:<24} {v}")

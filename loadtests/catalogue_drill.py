@@ -11,10 +11,6 @@ Every response is checked against the deletions acknowledged before the request 
 until the *other* replica reports a catalogue version that includes it. The bundle is synthetic
 (text topics embedded with `hashed:64`, tests/catalogue_fixtures.py) in db 15 under a fresh
 namespace, dropped at the end; the servers are stopped by pid. Prints a table, then one JSON line.
-
-`--stand-in-engine` (the default while model.engine.RecommendEngine has no add_items) serves with
-the trie-rebuilding stand-in of tests/catalogue_fixtures.py, so added items become servable before
-the `masks` engine lands; latencies under writes then include its rebuilds.
 """
 from __future__ import annotations
 
@@ -39,10 +35,6 @@ REDIS_URL = os.environ.get("SIDREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 _LAUNCH = """
 import sys, uvicorn
 sys.path[:0] = [{root!r}, {tests!r}]
-if {stand_in!r}:
-    import sidrec.service.runtime as rt
-    from catalogue_fixtures import LiveEngine
-    rt.RecommendEngine = LiveEngine
 from sidrec.service.app import create_app
 uvicorn.run(create_app(), host="127.0.0.1", port={port}, log_level="warning")
 """
@@ -191,10 +183,8 @@ async def run(args) -> dict:
     import redis
 
     from catalogue_fixtures import TOPICS, text_bundle
-    from sidrec.model.engine import RecommendEngine
     from sidrec.service.index_store import drop_namespace
 
-    stand_in = args.stand_in_engine if args.stand_in_engine is not None else not hasattr(RecommendEngine, "add_items")
     tmp = Path(tempfile.mkdtemp(prefix="sidrec-drill-"))
     bundle = text_bundle(tmp / "bundle", per_topic=args.per_topic, width=32)
     base_ids = json.loads((bundle / "item_ids.json").read_text())
@@ -206,9 +196,9 @@ async def run(args) -> dict:
             port = free_port()
             env = dict(os.environ, SIDREC_BUNDLE_PATH=str(bundle), SIDREC_REDIS_URL=REDIS_URL,
                        SIDREC_REDIS_NAMESPACE=ns, SIDREC_ADMIN_TOKEN=TOKEN, SIDREC_NUM_THREADS="1",
-                       SIDREC_ENGINE_PROCESS="false" if stand_in else "true", SIDREC_MAX_BEAM_WIDTH="256",
+                       SIDREC_ENGINE_PROCESS="true", SIDREC_MAX_BEAM_WIDTH="256",
                        SIDREC_CATALOGUE_BLOCK_S="1.0", SIDREC_LOG_LEVEL="warning")
-            code = _LAUNCH.format(root=str(ROOT), tests=str(ROOT / "tests"), stand_in=stand_in, port=port)
+            code = _LAUNCH.format(root=str(ROOT), tests=str(ROOT / "tests"), port=port)
             procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT))
             urls.append(f"http://127.0.0.1:{port}")
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -249,7 +239,7 @@ async def run(args) -> dict:
             "p50_ms_writes": pct(d.lat["writes"], 0.5), "p99_ms_writes": pct(d.lat["writes"], 0.99),
             "beam256_p50_ms_no_filter": fc["no_filter"], "beam256_p50_ms_filter": fc["filter"],
             "filter_cost_ratio": round(fc["filter"] / fc["no_filter"], 3) if fc["filter"] and fc["no_filter"] else None,
-            "clients": args.clients, "stand_in_engine": stand_in}
+            "clients": args.clients}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-s", type=float, default=15.0, help="seconds of traffic without writes first")
     ap.add_argument("--items", type=int, default=1000, help="items added, and as many deleted")
     ap.add_argument("--per-topic", type=int, default=128, help="bundle items per text topic (8 topics)")
-    ap.add_argument("--stand-in-engine", dest="stand_in_engine", action="store_true", default=None)
-    ap.add_argument("--real-engine", dest="stand_in_engine", action="store_false")
     args = ap.parse_args(argv)
     rep = asyncio.run(run(args))
     print(f"{'metric':<28} value")

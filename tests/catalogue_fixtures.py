@@ -1,30 +1,20 @@
-"""Fixtures of the living-catalogue tests: a bundle whose SIDs come from its items' text, and an
-engine that accepts live inserts.
+"""Fixtures of the living-catalogue tests: a bundle whose SIDs come from its items' text.
 
 `text_bundle` builds a real bundle (model.bundle.save_bundle) over items in 8 text topics: the
 text is embedded with `hashed:64` (model.text_embed's deterministic bag of words, named in the
 bundle config, so the service embeds new text exactly as the bundle's items were), level-0
 centroids are the topic means and deeper levels random residuals, SIDs come from
 model.sid_assign. A new item whose text shares a topic's words lands in that topic's prefix.
-
-`LiveEngine` is a stand-in until the engine of the `masks` branch (add_items, set_attributes,
-filters inside the beam) lands on main: it implements that API on today's RecommendEngine by
-rebuilding the prefix trie on every insert and by turning a filter into the engine's existing
-per-request exclusion. Where RecommendEngine already has add_items, `engine_class()` returns the
-real engine, so these tests then run against it unchanged.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.bundle import save_bundle
 from sidrec.model.config import ModelConfig, SIDLayout
-from sidrec.model.engine import RecommendEngine
 from sidrec.model.sid_assign import add_dedup_digit, quantize
 from sidrec.model.text_embed import hashed_text_embeddings
 from sidrec.model.transformer import SIDTransformer
@@ -62,74 +52,3 @@ def text_bundle(path: Path, per_topic: int = 8, seed: int = 0, width: int = 8) -
                        codebooks={f"codebook_{k}": torch.from_numpy(b) for k, b in enumerate(books)},
                        extra_config={"embedding": {"model": f"hashed:{DIM}"}, "sid": {"method": "rq_kmeans"}},
                        overwrite=True)
-
-
-class LiveEngine(RecommendEngine):
-    """RecommendEngine plus the living-catalogue API, by trie rebuilds (a test stand-in, see above)."""
-
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.item_ids = list(self.item_ids)
-        self._attrs: dict[str, dict[str, list[str]]] = {}
-        self.trie_generation = 0
-
-    def sid_owner(self, sid: Sequence[int]) -> str | None:
-        p = int(self.trie.lookup(torch.as_tensor(list(sid))[None])[0])
-        return None if p < 0 else self.item_ids[p]
-
-    def item_sid(self, item_id: str) -> tuple[int, ...] | None:
-        i = self.index_of.get(item_id)
-        return None if i is None else tuple(int(c) for c in self.sid_map[:, i].tolist())
-
-    def attributes_of(self, item_id: str) -> dict[str, list[str]]:
-        return dict(self._attrs.get(item_id, {}))
-
-    def add_items(self, item_ids, sids, attributes=None, wait=False) -> int:
-        sids = torch.as_tensor(sids, dtype=torch.int64).cpu()  # (L, n)
-        sm = self.sid_map.cpu().clone()
-        for k, iid in enumerate(item_ids):
-            owner = self.sid_owner(sids[:, k].tolist())
-            if owner is not None and owner != iid:
-                raise ValueError(f"item {iid}: SID {sids[:, k].tolist()} is held by item {owner}")
-            i = self.index_of.get(iid)
-            if i is None:
-                self.index_of[iid] = len(self.item_ids)
-                self.item_ids.append(iid)
-                sm = torch.cat([sm, sids[:, k:k + 1]], 1)
-            else:
-                sm[:, i] = sids[:, k]
-            if attributes is not None and attributes[k] is not None:  # None: leave them as they are
-                self._attrs[iid] = dict(attributes[k])
-        self.sid_map = sm.to(self.device)
-        self.trie = PrefixTrie.build(sm, self.cfg.layout.cardinalities).to(self.device)
-        grow = len(self.item_ids) - self.item_mask.numel()
-        if grow:
-            self.item_mask = torch.cat([self.item_mask, torch.zeros(grow, dtype=torch.bool, device=self.device)])
-        self._leaf_mask = self.item_mask[self.trie.leaf_item.long()]
-        self.trie_generation += 1
-        return self.trie_generation  # the generation that serves them (live at once here)
-
-    def set_attributes(self, item_ids, attributes) -> list[str]:
-        unknown = []
-        for iid, a in zip(item_ids, attributes):
-            if iid in self.index_of:
-                self._attrs[iid] = dict(a)
-            else:
-                unknown.append(iid)
-        return unknown
-
-    def _passes(self, iid: str, filt: dict[str, list[str]]) -> bool:
-        attrs = self._attrs.get(iid, {})
-        return all(set(attrs.get(k, ())) & set(v) for k, v in filt.items())
-
-    def recommend(self, histories, beam_width, top_n, exclude=None, filters=None):
-        if filters is not None and any(filters):
-            exclude = [list(e) for e in (exclude or [[] for _ in histories])]
-            for b, f in enumerate(filters):
-                if f:
-                    exclude[b] += [i for i, iid in enumerate(self.item_ids) if not self._passes(iid, f)]
-        return super().recommend(histories, beam_width, top_n, exclude=exclude)
-
-
-def engine_class() -> type:
-    return RecommendEngine if hasattr(RecommendEngine, "add_items") else LiveEngine

@@ -3,8 +3,7 @@ item writes' auth and bounds (in-process store), and two replicas against one Re
 
 The two replicas are two ServiceRuntimes (two apps with their own engines, batchers, followers
 and Redis clients) in one test process against one Redis namespace: processes would cost a model
-load each. The engine is `catalogue_fixtures.engine_class()`: the real RecommendEngine once it has
-add_items, a trie-rebuilding stand-in until then.
+load each.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from catalogue_fixtures import TOPICS, engine_class, text_bundle, topic_text
+from catalogue_fixtures import TOPICS, text_bundle, topic_text
 from service_fixtures import REDIS_URL, redis_ns, run, running_app, settings_for  # noqa: F401
 
 TOKEN = "s3cret-token"
@@ -23,11 +22,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def tbundle(tmp_path_factory):
     return text_bundle(tmp_path_factory.mktemp("cat") / "bundle")
-
-
-@pytest.fixture(autouse=True)
-def live_engine(monkeypatch):
-    monkeypatch.setattr("sidrec.service.runtime.RecommendEngine", engine_class())
 
 
 def _settings(bundle, **kw):
