@@ -1,4 +1,4 @@
-"""`sidrec items add FILE --url URL --token T`: bulk-ingest items into a running service.
+"""`sidrec items add FILE --url URL` (token from SIDREC_ADMIN_TOKEN): bulk-ingest items into a running service.
 
 Reads CSV, NDJSON (.jsonl/.ndjson) or Parquet, posts them to `POST /v1/items` in batches of up to
 1,000 over one keep-alive connection (so every replica gets them through the catalogue log, and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,16 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = sub.add_parser("add", help="add or update items from a CSV / NDJSON / Parquet file")
     a.add_argument("file")
     a.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
-    a.add_argument("--token", required=True, help="the admin bearer token (SIDREC_ADMIN_TOKEN of the service)")
+    a.add_argument("--token", default=None, help=argparse.SUPPRESS)  # kept for scripts; prefer the environment
     a.add_argument("--batch", type=int, default=1000, help="items per request (1..1000, default 1000)")
     a.add_argument("--no-progress", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv[1:] if argv[:1] == ["items"] else argv)  # sidrec.cli passes its command too
+    token = args.token or os.environ.get("SIDREC_ADMIN_TOKEN")
+    if not token:  # read from the environment: a token on the command line shows in `ps`
+        print("sidrec items: set SIDREC_ADMIN_TOKEN to the service's admin token", file=sys.stderr)
+        return 2
     if not 1 <= args.batch <= 1000:
         print("sidrec items: --batch must be within 1..1000", file=sys.stderr)
         return 2
     try:
-        rep = ingest(args.file, args.url, args.token, args.batch, not args.no_progress)
+        rep = ingest(args.file, args.url, token, args.batch, not args.no_progress)
     except (ValueError, OSError) as e:
         print(f"sidrec items: {e}", file=sys.stderr)
         return 2
