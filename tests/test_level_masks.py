@@ -16,7 +16,8 @@ import torch  # noqa: E402
 
 from sidrec.kernels.beam_step_ref import beam_step_reference  # noqa: E402
 from sidrec.kernels.level_mask import clear_leaves, propagate  # noqa: E402
-from sidrec.kernels.trie import PrefixTrie, append_dedup_digit  # noqa: E402
+from sidrec.kernels.trie import PrefixTrie  # noqa: E402
+from sidrec.model.sid_assign import append_dedup_digit  # noqa: E402
 from sidrec.model.beam_search import beam_search, masks_from_exclusions  # noqa: E402
 from test_beam_step import _MockDecoder, random_step, random_trie, run_both  # noqa: E402
 
