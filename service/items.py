@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sidrec.model.sid_assign import SidSpaceFull, candidate_sids, quantize
-from sidrec.model.text_embed import TextEmbedder
+from sidrec.model.text_embed import MissingEmbedExtra, TextEmbedder
 from sidrec.service import schemas as S
 from sidrec.service.catalogue_follow import CatalogueFollower
 from sidrec.service.catalogue_store import CatalogueStore, ItemState, Upsert
@@ -108,7 +108,11 @@ class ItemCatalogue:
                 raise APIError(409, "cannot_assign_sids", "this bundle holds no RQ-KMeans codebooks in its "
                                "embedding space, so new text cannot get a semantic id; update attributes only "
                                "or add the items with a bundle built by `sidrec train`")
-            rows = await asyncio.to_thread(self._assign_candidates, [req.items[n].text for n in todo])
+            try:
+                rows = await asyncio.to_thread(self._assign_candidates, [req.items[n].text for n in todo])
+            except MissingEmbedExtra as e:  # a server installed without the text encoder
+                raise APIError(503, "embedding_unavailable", f"new text cannot be embedded on this server: {e}; "
+                               "attribute-only updates still work") from None
             cands = dict(zip(todo, rows))
         ups = []
         for n, it in enumerate(req.items):

@@ -35,8 +35,11 @@ def prepare_multiprocess_dir(workers: int) -> Path | None:
     """For N > 1 workers, before they start: set PROMETHEUS_MULTIPROC_DIR (the operator's, or a
     fresh temporary directory) and empty it of an earlier run's files, which would otherwise be
     added in. The workers inherit the variable; prometheus_client reads it when first imported
-    there. One worker: nothing to do (None)."""
+    there. One worker: nothing to do (None), beyond making sure a directory named in the
+    environment exists."""
     if workers <= 1:
+        if os.environ.get(MULTIPROC_ENV):  # set by the operator: prometheus_client writes there, so it must exist
+            Path(os.environ[MULTIPROC_ENV]).mkdir(parents=True, exist_ok=True)
         return None
     if os.environ.get(MULTIPROC_ENV):
         d = Path(os.environ[MULTIPROC_ENV])

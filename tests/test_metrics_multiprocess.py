@@ -179,7 +179,8 @@ def test_sidrec_serve_with_two_workers_adds_up(tmp_path):
 def test_prepare_multiprocess_dir(monkeypatch, tmp_path):
     from sidrec.service.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
 
-    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.setenv(MULTIPROC_ENV, "recorded")  # so that teardown restores the variable as it was ...
+    monkeypatch.delenv(MULTIPROC_ENV)  # ... whatever prepare_multiprocess_dir sets below
     assert prepare_multiprocess_dir(1) is None and MULTIPROC_ENV not in os.environ  # one worker: in memory
     made = prepare_multiprocess_dir(2)  # none given: a fresh directory of its own
     assert made.is_dir() and not any(made.iterdir()) and os.environ[MULTIPROC_ENV] == str(made)
@@ -191,3 +192,6 @@ def test_prepare_multiprocess_dir(monkeypatch, tmp_path):
     monkeypatch.setenv(MULTIPROC_ENV, str(given))
     assert prepare_multiprocess_dir(4) == given
     assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]  # only the metric files go
+    gone = tmp_path / "removed-since"
+    monkeypatch.setenv(MULTIPROC_ENV, str(gone))  # inherited from a shell, its directory since removed
+    assert prepare_multiprocess_dir(1) is None and gone.is_dir()  # made again: metrics would crash without it
