@@ -79,6 +79,8 @@ class ColdStart:
         if len(self.codebooks) > num_levels:
             raise ValueError(f"{len(self.codebooks)} codebooks for SIDs of {num_levels} codes")
         self._cold: set[int] = set()
+        self._version = 0  # bumped by every mark (add_items marks new and moved items alike)
+        self._rec: tuple[tuple, Tensor] | None = None  # the cold candidates' reconstructions, reused
         self._lock = threading.Lock()
 
     @property
@@ -88,6 +90,7 @@ class ColdStart:
     def mark(self, items: Sequence[int], cold: bool) -> None:
         with self._lock:
             (self._cold.update if cold else self._cold.difference_update)(int(i) for i in items)
+            self._version += 1
 
     def is_cold(self, item: int) -> bool:
         return item in self._cold
@@ -123,7 +126,13 @@ class ColdStart:
         """(B, M) calibrated scores of the cold `items` for each history (-inf for an empty one)."""
         B, M = len(histories), items.numel()
         sids = sid_map.to("cpu", torch.int64)
-        cand = reconstructions(self.codebooks, sids[:, items])  # (M, D)
+        key = (self._version, items.numel(), int(items.sum()), int(sids[:, items].sum()))
+        got = self._rec
+        if got is not None and got[0] == key:
+            cand = got[1]
+        else:  # recomputed only after add_items (M x D floats; a gather per request otherwise)
+            cand = reconstructions(self.codebooks, sids[:, items])  # (M, D)
+            self._rec = (key, cand)
         prof = torch.zeros(B, cand.shape[1])
         has = torch.zeros(B, dtype=torch.bool)
         for b, h in enumerate(histories):
@@ -175,12 +184,16 @@ class ColdStart:
         n_out = torch.zeros(B, dtype=torch.int64)
         r_items, r_scores, r_valid = res.items.cpu(), res.scores.cpu().float(), res.n_valid.cpu().tolist()
         cs = torch.where(allowed, cold_scores, torch.full_like(cold_scores, float("-inf")))
+        # only a request's top_n cold candidates can enter its top_n: (B, n) of them, sorted
+        # by (-score, index) so that equal scores keep the lower index (topk alone does not say)
+        order = torch.argsort(cs, dim=1, descending=True, stable=True)[:, :top_n]  # (B, n)
+        top_s, top_i = torch.gather(cs, 1, order), items[order]
         for b in range(B):
             best: dict[int, float] = {}
             for i, s in zip(r_items[b, : r_valid[b]].tolist(), r_scores[b, : r_valid[b]].tolist()):
                 best[i] = max(s, best.get(i, float("-inf")))
-            keep = torch.isfinite(cs[b])
-            for i, s in zip(items[keep].tolist(), cs[b][keep].tolist()):
+            keep = torch.isfinite(top_s[b])
+            for i, s in zip(top_i[b][keep].tolist(), top_s[b][keep].tolist()):
                 best[i] = max(s, best.get(i, float("-inf")))
             ranked = sorted(best.items(), key=lambda t: (-t[1], t[0]))[:top_n]
             n = len(ranked)
