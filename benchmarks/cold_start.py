@@ -162,11 +162,13 @@ def tune(eng: RecommendEngine, d: InteractionData, cold: set[str], beam: int, us
         cos = torch.cat([eng.cold.dense_scores(ColdStartOptions(weight=1.0, bias=1.0, decay=decay), idx[a: a + 512],
                                                eng.sid_map, c_int, eng.cfg.max_history)
                          for a in range(0, len(idx), 512)]).numpy()  # weight 1, bias 1: the cosine
-        for wt in GRID_DENSE["weight"]:
-            for b in GRID_DENSE["bias"]:
-                hit = blend_recall(w_items, w_scores, c_items, (wt * (cos - 1.0) + b).astype(np.float32), tgt)
-                rows.append(("dense", dict(decay=decay, weight=wt, bias=b), float(hit[is_cold].mean()),
-                             float(hit[~is_cold].mean())))
+        for rel in (False, True):
+            anchor = w_scores[:, :1] if rel else 0.0
+            for wt in GRID_DENSE["weight"]:
+                for b in GRID_DENSE["bias"]:
+                    hit = blend_recall(w_items, w_scores, c_items, (wt * (cos - 1.0) + b + anchor).astype(np.float32), tgt)
+                    rows.append(("dense", dict(decay=decay, weight=wt, bias=b, relative=rel), float(hit[is_cold].mean()),
+                                 float(hit[~is_cold].mean())))
     for b in GRID_PREFIX["bias"]:
         hit = blend_recall(w_items, w_scores, c_items, (pre + b).astype(np.float32), tgt)
         rows.append(("prefix", dict(bias=b), float(hit[is_cold].mean()), float(hit[~is_cold].mean())))

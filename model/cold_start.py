@@ -13,7 +13,8 @@ beam, the kernels or the trie changes:
   reconstructions; a cold item's score is an affine map of its cosine to that profile into the
   log-probability scale, `weight * (cos - 1) + bias`, so that it competes with the beam's
   log-probs (a cold item enters the top N only where its similarity beats the warm items'
-  likelihood, not in a fixed number of slots).
+  likelihood, not in a fixed number of slots). With `relative`, the request's best beam score is
+  added, so the bias reads "how far below the model's favourite".
 - "prefix": a cold item inherits the probability mass the beam found under its parent prefix
   (its first L-1 codes: the log-sum-exp of the returned items' scores sharing it) plus a log
   prior `bias` (tuned), split evenly among the cold siblings. No similarity: it trusts the
@@ -51,6 +52,9 @@ class ColdStartOptions:
     weight: float = 20.0  # dense: log-prob units per unit of cosine
     bias: float = -6.0  # dense: the score of a cold item at cosine 1; prefix: the log prior
     decay: float = 0.8  # dense: history weight of the i-th most recent item is decay**i
+    # dense: add the request's best beam score to the cold scores, so that the bias is measured
+    # from what the model is sure of for this history rather than in absolute log-prob
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

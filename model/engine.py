@@ -268,6 +268,8 @@ class RecommendEngine(CatalogueIds):
             return res
         if mode == "dense":
             cold_scores = self.cold.dense_scores(opts, histories, sid_map, items, self.cfg.max_history)
+            if opts.relative:  # measured from the request's best beam score (-inf: none, nothing cold)
+                cold_scores = cold_scores + res.scores[:, :1].float().cpu()
         else:
             cold_scores = self.cold.prefix_scores(opts, res, sid_map, items)
         return self.cold.blend(opts, res, top_n, items, allowed, cold_scores, sid_map)

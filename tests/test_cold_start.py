@@ -186,3 +186,19 @@ def test_reconstruction_and_bad_options():
         ColdStartOptions(decay=0.0)
     cs = ColdStart({}, 3)
     assert not cs.can_score_dense
+
+
+def test_relative_scores_are_measured_from_the_best_beam(bundle_path):
+    off = _engine(bundle_path, mode="off")
+    rel = _engine(bundle_path, mode="dense", weight=0.0, bias=-0.5, relative=True)
+    try:
+        hist = _cluster_history(off, 2)
+        best = float(off.recommend([hist], 20, 10).scores[0, 0])
+        for eng in (off, rel):
+            eng.add_items(["new"], _free_sid_in(eng, 2), wait=True)
+        res = rel.recommend([hist], 20, 10)
+        j = res.items[0].tolist().index(rel.index_of["new"])
+        assert float(res.scores[0, j]) == pytest.approx(best - 0.5, abs=1e-5)  # weight 0: the bias alone
+    finally:
+        off.close()
+        rel.close()
