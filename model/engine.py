@@ -73,8 +73,8 @@ class EngineOptions:
     # activations of wide beams are not page-faulted afresh on every request (~5% at beam 1000).
     tune_malloc: bool = True
     # Items added at run time are cold (no interactions): their score is blended into the beam's
-    # ranking (model/cold_start.py). 'off' serves the beam's ranking as it is. The defaults were
-    # tuned on Beauty validation users (benchmarks/cold_start.py).
+    # ranking (model/cold_start.py). mode='off' serves the beam's ranking as it is. The defaults
+    # were tuned on Beauty validation users (benchmarks/cold_start.py).
     cold_start: ColdStartOptions = ColdStartOptions()
 
 
@@ -125,6 +125,9 @@ class RecommendEngine(CatalogueIds):
         self.index_of = self.catalogue.index_of
         self.attributes = AttributeIndex(getattr(bundle, "item_attributes", None))
         self.cold = ColdStart(getattr(bundle, "codebooks", None) or {}, self.cfg.layout.num_levels)
+        if self.options.cold_start.mode == "dense" and not self.cold.can_score_dense:
+            # no codebooks, no reconstructions (nor SIDs from text): served as before, recorded here
+            self.options = replace(self.options, cold_start=replace(self.options.cold_start, mode="off"))
         self.filter_masks = FilterMaskCache()  # propagated rows of recent filters (popular ones repeat)
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
@@ -253,9 +256,6 @@ class RecommendEngine(CatalogueIds):
         masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
         opts = self.options.cold_start
         mode = opts.mode if self.cold.cold_items() else "off"
-        if mode == "dense" and not self.cold.can_score_dense:
-            raise ValueError("cold_start mode 'dense' needs the bundle's codebooks; this bundle has none "
-                             "(use mode 'prefix' or 'off')")
         n_beam = min(widths) if mode == "prefix" else top_n  # prefix mode reads every returned beam
         with self._lock, torch.inference_mode(), self._autocast():
             res = beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],

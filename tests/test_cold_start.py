@@ -188,6 +188,18 @@ def test_reconstruction_and_bad_options():
     assert not cs.can_score_dense
 
 
+def test_bundle_without_codebooks_serves_dense_as_off(tmp_path, bundle_path):
+    b = load_bundle(bundle_path)
+    b.codebooks = {}
+    eng = RecommendEngine(b, EngineOptions(dtype="float32", tune_malloc=False))
+    try:
+        assert eng.options.cold_start.mode == "off"
+        eng.add_items(["new"], _free_sid_in(eng, 1), wait=True)
+        assert eng.recommend([_cluster_history(eng, 1)], 20, 10).n_valid.tolist() == [10]
+    finally:
+        eng.close()
+
+
 def test_relative_scores_are_measured_from_the_best_beam(bundle_path):
     off = _engine(bundle_path, mode="off")
     rel = _engine(bundle_path, mode="dense", weight=0.0, bias=-0.5, relative=True)
