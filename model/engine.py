@@ -3,7 +3,8 @@
 Owns the model, the live catalogue (model/live_trie.py: ids, SIDs, deletions, the device trie
 rebuilt off the request path), the attribute index (model/attributes.py) and the chosen
 beam-step implementation; turns internal-index histories into ranked items, with per-request
-filters and exclusions as level-wise masks inside the beam (model/request_masks.py).
+filters and exclusions as level-wise masks inside the beam (model/request_masks.py), and items
+added at run time (cold: never trained on) blended into the ranking (model/cold_start.py).
 Mapping external ids is done here too (a dict), so callers without Redis work the same way;
 the service's inverse index maps SIDs back to ids for deployments that keep that in Redis.
 """
