@@ -3,7 +3,8 @@
 Owns the model, the live catalogue (model/live_trie.py: ids, SIDs, deletions, the device trie
 rebuilt off the request path), the attribute index (model/attributes.py) and the chosen
 beam-step implementation; turns internal-index histories into ranked items, with per-request
-filters and exclusions as level-wise masks inside the beam (model/request_masks.py).
+filters and exclusions as level-wise masks inside the beam (model/request_masks.py), and items
+added at run time (cold: never trained on) blended into the ranking (model/cold_start.py).
 Mapping external ids is done here too (a dict), so callers without Redis work the same way;
 the service's inverse index maps SIDs back to ids for deployments that keep that in Redis.
 """
@@ -23,6 +24,7 @@ from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.attributes import AttributeIndex, check_attributes, check_filter
 from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
 from sidrec.model.bundle import Bundle, load_bundle
+from sidrec.model.cold_start import ColdStart, ColdStartOptions
 from sidrec.model.live_trie import LiveCatalogue
 from sidrec.model.request_masks import FilterMaskCache, batch_masks
 
@@ -71,6 +73,10 @@ class EngineOptions:
     # glibc: keep freed blocks up to 32 MB in the heap instead of unmapping them, so the per-step
     # activations of wide beams are not page-faulted afresh on every request (~5% at beam 1000).
     tune_malloc: bool = True
+    # Items added at run time are cold (no interactions): their score is blended into the beam's
+    # ranking (model/cold_start.py). mode='off' serves the beam's ranking as it is. The defaults
+    # were tuned on Beauty validation users (benchmarks/cold_start.py).
+    cold_start: ColdStartOptions = ColdStartOptions()
 
 
 class CatalogueIds:
@@ -119,6 +125,10 @@ class RecommendEngine(CatalogueIds):
         self.item_ids = self.catalogue.item_ids  # grows with add_items (shared list)
         self.index_of = self.catalogue.index_of
         self.attributes = AttributeIndex(getattr(bundle, "item_attributes", None))
+        self.cold = ColdStart(getattr(bundle, "codebooks", None) or {}, self.cfg.layout.num_levels)
+        if self.options.cold_start.mode == "dense" and not self.cold.can_score_dense:
+            # no codebooks, no reconstructions (nor SIDs from text): served as before, recorded here
+            self.options = replace(self.options, cold_start=replace(self.options.cold_start, mode="off"))
         self.filter_masks = FilterMaskCache()  # propagated rows of recent filters (popular ones repeat)
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
@@ -157,7 +167,7 @@ class RecommendEngine(CatalogueIds):
 
     def add_items(self, item_ids: Sequence[str], sids: Tensor,
                   attributes: Sequence[Mapping[str, list[str]]] | None = None, wait: bool = False,
-                  timeout: float | None = 60.0) -> int:
+                  timeout: float | None = 60.0, cold: bool = True) -> int:
         """Insert new ids, or move existing ids to new SIDs (their old SID is retired at once).
 
         sids: (L, n) int64. New ids get new internal indices (appended, never reused); an id given
@@ -166,7 +176,9 @@ class RecommendEngine(CatalogueIds):
         ValueError naming the id when a SID is held by another item (masked ones included: a
         deleted item keeps its SID so that it can be restored) or a code is outside the layout.
         Returns the trie generation that serves the items; wait=True returns once recommend()
-        sees them (TimeoutError after `timeout` seconds).
+        sees them (TimeoutError after `timeout` seconds). cold: the items have no interactions yet
+        (the default for items added at run time; base items are warm): the cold-start blend
+        scores them (EngineOptions.cold_start); cold=False marks them warm.
         """
         item_ids = [str(x) for x in item_ids]
         checked = None
@@ -175,6 +187,7 @@ class RecommendEngine(CatalogueIds):
                 raise ValueError(f"got {len(attributes)} attribute dicts for {len(item_ids)} items")
             checked = [None if a is None else check_attributes(a, f"item {i!r}") for i, a in zip(item_ids, attributes)]
         gen, idx = self.catalogue.put(item_ids, sids)
+        self.cold.mark(idx, cold)
         if checked is not None:
             for i, a in zip(idx, checked):
                 if a is not None:  # None: leave the item's attributes as they are
@@ -242,9 +255,25 @@ class RecommendEngine(CatalogueIds):
         snap = self.catalogue.snapshot  # one consistent trie + masks for the whole request
         src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
         masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
+        opts = self.options.cold_start
+        mode = opts.mode if self.cold.cold_items() else "off"
+        n_beam = min(widths) if mode == "prefix" else top_n  # prefix mode reads every returned beam
         with self._lock, torch.inference_mode(), self._autocast():
-            return beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
-                               top_n, beam_step=self.beam_step, masks=masks)
+            res = beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
+                              n_beam, beam_step=self.beam_step, masks=masks)
+        if mode == "off":
+            return res
+        sid_map = self.sid_map
+        items, allowed = self.cold.candidates(snap, self.attributes, B, exclude, filters)
+        if items.numel() == 0:
+            return res
+        if mode == "dense":
+            cold_scores = self.cold.dense_scores(opts, histories, sid_map, items, self.cfg.max_history)
+            if opts.relative:  # measured from the request's best beam score (-inf: none, nothing cold)
+                cold_scores = cold_scores + res.scores[:, :1].float().cpu()
+        else:
+            cold_scores = self.cold.prefix_scores(opts, res, sid_map, items)
+        return self.cold.blend(opts, res, top_n, items, allowed, cold_scores, sid_map)
 
     def score(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
         """Log-likelihood (B, M) of each candidate item (internal indices; ragged rows padded -inf)."""

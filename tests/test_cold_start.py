@@ -1,0 +1,216 @@
+"""Cold start (model/cold_start.py through RecommendEngine): an item added at run time whose SID
+sits in a cluster is returned for a history from that cluster with the blend on and not with it
+off; deletions, filters and exclusions still apply to cold items; 'off' restores the exact
+previous results; results are deterministic. A small random model over a synthetic catalogue
+whose codebooks make four well-separated clusters; CPU, no Redis, no service."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sidrec.model.bundle import load_bundle, save_bundle
+from sidrec.model.cold_start import ColdStart, ColdStartOptions, reconstructions
+from sidrec.model.config import ModelConfig, SIDLayout
+from sidrec.model.engine import EngineOptions, RecommendEngine
+from sidrec.model.transformer import SIDTransformer
+
+LAYOUT = (4, 8, 8)  # 3 codes, no dedup digit
+D = 16
+N = 120
+
+
+def _codebooks(g: torch.Generator) -> dict[str, torch.Tensor]:
+    c0 = torch.eye(D)[:4] * 4.0  # four orthogonal, far-apart clusters
+    return {"codebook_0": c0, "codebook_1": torch.randn(8, D, generator=g) * 0.3,
+            "codebook_2": torch.randn(8, D, generator=g) * 0.1}
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    cfg = ModelConfig(SIDLayout(LAYOUT), d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1)
+    model = SIDTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.6, generator=g)
+    cells = torch.randperm(4 * 8 * 8, generator=g)[:N]
+    sm = torch.stack([cells // 64, (cells // 8) % 8, cells % 8])  # (L, N), unique
+    items = [{"item_id": f"i{i}", "text": f"item {i}", "attributes": {"shop": ["a" if i % 2 else "b"]}}
+             for i in range(N)]
+    return save_bundle(tmp_path_factory.mktemp("cold") / "b", model, sm, [f"i{i}" for i in range(N)],
+                       codebooks=_codebooks(g), items=items)
+
+
+def _engine(path, **cold) -> RecommendEngine:
+    return RecommendEngine(load_bundle(path), EngineOptions(dtype="float32", tune_malloc=False,
+                                                            cold_start=ColdStartOptions(**cold)))
+
+
+def _cluster_history(eng: RecommendEngine, c: int, n: int = 6) -> list[int]:
+    sm = eng.sid_map
+    return [i for i in range(N) if int(sm[0, i]) == c][:n]
+
+
+def _free_sid_in(eng: RecommendEngine, c: int) -> torch.Tensor:
+    held = {tuple(eng.sid_map[:, i].tolist()) for i in range(eng.num_items)}
+    for a in range(8):
+        for b in range(8):
+            if (c, a, b) not in held:
+                return torch.tensor([[c], [a], [b]])
+    raise AssertionError("no free SID in the cluster")
+
+
+def _top(eng, hist, n=10, **kw):
+    res = eng.recommend([hist], 20, n, **kw)
+    return [eng.item_ids[i] for i in res.items[0, : int(res.n_valid[0])].tolist()]
+
+
+def test_cold_item_in_the_histories_cluster_is_returned_only_with_the_blend(bundle_path):
+    mode = "dense"
+    on = _engine(bundle_path, mode=mode, weight=20.0, bias=0.0)
+    off = _engine(bundle_path, mode="off")
+    try:
+        off_hits = 0
+        for c in range(4):
+            hist = _cluster_history(on, c)
+            sid = _free_sid_in(on, c)
+            for eng in (on, off):
+                eng.add_items([f"new{c}"], sid, wait=True)
+            assert f"new{c}" in _top(on, hist), f"cluster {c}: cold item missing with the blend on ({mode})"
+            off_hits += f"new{c}" in _top(off, hist)  # a random model may find a path by chance
+            assert on.item_sid(f"new{c}")[0] == c  # shares the cluster's prefix
+        assert off_hits < 4
+    finally:
+        on.close()
+        off.close()
+
+
+def test_prefix_mode_inherits_the_mass_of_the_parent_prefix(bundle_path):
+    on = _engine(bundle_path, mode="prefix", bias=0.0)
+    off = _engine(bundle_path, mode="off")
+    try:
+        hist = _cluster_history(on, 0)
+        res = off.recommend([hist], 20, 20)
+        held = {tuple(on.sid_map[:, i].tolist()) for i in range(N)}
+        # under the parent prefix of the beam's top item: its mass (>= that item's score) is inherited
+        a, b = res.sids[0, 0, :2].tolist()
+        sid = next(torch.tensor([[a], [b], [c]]) for c in range(8) if (a, b, c) not in held)
+        for eng in (on, off):
+            eng.add_items(["new"], sid, wait=True)
+        top = _top(on, hist)
+        assert "new" in top[:2]  # ties break by internal index: after the top item at worst
+        other = next(c for c in range(4) if c != a)  # a prefix the beam never reached: nothing inherited
+        far = _free_sid_in(on, other)
+        if not any(tuple(s[:2]) == tuple(far[:2, 0].tolist()) for s in res.sids[0].tolist()):
+            on.add_items(["far"], far, wait=True)
+            assert "far" not in _top(on, hist, n=20)
+    finally:
+        on.close()
+        off.close()
+
+
+def test_masks_apply_to_cold_items(bundle_path):
+    eng = _engine(bundle_path, mode="dense", weight=20.0, bias=0.0)
+    try:
+        hist = _cluster_history(eng, 1)
+        eng.add_items(["new"], _free_sid_in(eng, 1), attributes=[{"shop": ["c"]}], wait=True)
+        assert _top(eng, hist)[0] == "new"
+        assert "new" not in _top(eng, hist, filters=[{"shop": ["a", "b"]}])
+        assert _top(eng, hist, filters=[{"shop": ["c"]}]) == ["new"]  # the only item passing
+        assert "new" not in _top(eng, hist, exclude=[[eng.index_of["new"]]])
+        eng.set_masked(["new"])
+        assert "new" not in _top(eng, hist)
+        assert _top(eng, hist, filters=[{"shop": ["c"]}]) == []  # deleted: nothing passes
+        eng.set_masked(["new"], masked=False)
+        assert _top(eng, hist)[0] == "new"
+        top = _top(eng, hist, filters=[{"shop": ["a"]}])
+        assert len(top) == 10 and all(eng.attributes_of(i)["shop"] == ["a"] for i in top)
+    finally:
+        eng.close()
+
+
+def test_off_restores_exact_results_and_warm_items_are_not_blended(bundle_path):
+    base = _engine(bundle_path, mode="off")
+    on = _engine(bundle_path, mode="dense", weight=20.0, bias=0.0)
+    try:
+        hists = [_cluster_history(base, c) for c in range(4)] + [[], [3, 7]]
+        before = base.recommend(hists, 20, 10)
+        same = on.recommend(hists, 20, 10)  # nothing cold yet: the beam's result untouched
+        assert torch.equal(before.items, same.items) and torch.equal(before.scores, same.scores)
+        on.add_items(["w"], _free_sid_in(on, 2), cold=False, wait=True)  # warm: not blended
+        base.add_items(["w"], _free_sid_in(base, 2), wait=True)
+        after_warm = on.recommend(hists, 20, 10)
+        off_after = base.recommend(hists, 20, 10)
+        assert torch.equal(after_warm.items, off_after.items) and torch.equal(after_warm.scores, off_after.scores)
+        on.options = replace(on.options, cold_start=ColdStartOptions(mode="off"))
+        on.add_items(["cold"], _free_sid_in(on, 3), wait=True)
+        base.add_items(["cold"], _free_sid_in(base, 3), wait=True)
+        a, b = on.recommend(hists, 20, 10), base.recommend(hists, 20, 10)
+        assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores)
+    finally:
+        base.close()
+        on.close()
+
+
+def test_blend_is_deterministic_and_scores_sorted(bundle_path):
+    eng = _engine(bundle_path, mode="dense", weight=20.0, bias=-2.0)
+    try:
+        for c in range(4):
+            eng.add_items([f"n{c}"], _free_sid_in(eng, c), wait=True)
+        hists = [_cluster_history(eng, c) for c in range(4)] + [[0, 1, 2]]
+        first = eng.recommend(hists, 16, 8)
+        for _ in range(3):
+            again = eng.recommend(hists, 16, 8)
+            assert torch.equal(first.items, again.items) and torch.equal(first.scores, again.scores)
+        assert (first.scores[:, 1:] <= first.scores[:, :-1]).all()
+        for b in range(len(hists)):  # the returned SIDs are the items' SIDs
+            n = int(first.n_valid[b])
+            assert torch.equal(first.sids[b, :n], eng.sid_map[:, first.items[b, :n]].T)
+    finally:
+        eng.close()
+
+
+def test_reconstruction_and_bad_options():
+    cbs = [torch.randn(4, 3), torch.randn(5, 3)]
+    sids = torch.tensor([[1, 2], [0, 4], [0, 1]])  # a trailing dedup row is ignored
+    want = torch.nn.functional.normalize(torch.stack([cbs[0][1] + cbs[1][0], cbs[0][2] + cbs[1][4]]), dim=-1)
+    assert torch.allclose(reconstructions(cbs, sids), want)
+    with pytest.raises(ValueError, match="mode"):
+        ColdStartOptions(mode="magic")
+    with pytest.raises(ValueError, match="decay"):
+        ColdStartOptions(decay=0.0)
+    cs = ColdStart({}, 3)
+    assert not cs.can_score_dense
+
+
+def test_bundle_without_codebooks_serves_dense_as_off(tmp_path, bundle_path):
+    b = load_bundle(bundle_path)
+    b.codebooks = {}
+    eng = RecommendEngine(b, EngineOptions(dtype="float32", tune_malloc=False))
+    try:
+        assert eng.options.cold_start.mode == "off"
+        eng.add_items(["new"], _free_sid_in(eng, 1), wait=True)
+        assert eng.recommend([_cluster_history(eng, 1)], 20, 10).n_valid.tolist() == [10]
+    finally:
+        eng.close()
+
+
+def test_relative_scores_are_measured_from_the_best_beam(bundle_path):
+    off = _engine(bundle_path, mode="off")
+    rel = _engine(bundle_path, mode="dense", weight=0.0, bias=-0.5, relative=True)
+    try:
+        hist = _cluster_history(off, 2)
+        best = float(off.recommend([hist], 20, 10).scores[0, 0])
+        for eng in (off, rel):
+            eng.add_items(["new"], _free_sid_in(eng, 2), wait=True)
+        res = rel.recommend([hist], 20, 10)
+        j = res.items[0].tolist().index(rel.index_of["new"])
+        assert float(res.scores[0, j]) == pytest.approx(best - 0.5, abs=1e-5)  # weight 0: the bias alone
+    finally:
+        off.close()
+        rel.close()
