@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from sidrec.model.bundle import BundleError
+from sidrec.model.cold_start import ColdStartOptions
 from sidrec.model.engine import EngineOptions, RecommendEngine
 from sidrec.model.sid_assign import codebooks_of
 from sidrec.model.text_embed import TextEmbedder
@@ -91,7 +92,8 @@ class ModelSlot:
     async def _open(self, warm: bool) -> None:
         s = self.settings
         opts = EngineOptions(device=s.device, beam_step=s.beam_step, dtype=s.dtype,
-                             max_beam_width=max(s.max_beam_width, 1), num_threads=s.num_threads)
+                             max_beam_width=max(s.max_beam_width, 1), num_threads=s.num_threads,
+                             cold_start=ColdStartOptions(mode=s.cold_start))
         try:
             if s.engine_process:
                 policy = HangPolicy(s.engine_hang_timeout_s, s.engine_hang_slack)

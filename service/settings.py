@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     # How long a write waits for this replica's own engine to apply it (read-your-writes).
     catalogue_apply_wait_s: float = Field(default=1.0, ge=0.0)
 
+    # Items added at run time are cold (no interactions): 'dense' blends their text-space similarity
+    # to the history into the ranking (model/cold_start.py; tuned on Beauty validation), 'prefix'
+    # lets them inherit their parent prefix's probability, 'off' serves the beam's ranking alone.
+    cold_start: Literal["off", "dense", "prefix"] = "dense"
+
     # Model lifecycle (service.lifecycle): load a new version beside the running one, switch, roll back.
     # Bundles an admin reload may name must lie under this folder (None: the parent of bundle_path).
     bundle_root: str | None = None

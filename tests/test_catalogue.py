@@ -291,3 +291,23 @@ def test_degraded_reads_keep_the_catalogue_gate_while_redis_is_away(tbundle, red
     assert out == [None, "fresh", None, "t5-1"]
     assert len(rec) == 20  # answered in full while degraded
     assert ready["degraded"] is True and ready["status"] == "ready"
+
+
+def test_a_server_without_the_text_encoder_answers_503_and_keeps_attribute_updates(tbundle, monkeypatch):
+    from sidrec.model.text_embed import MissingEmbedExtra
+
+    async def go():
+        async with running_app(_settings(tbundle)) as (app, client):
+            def missing(texts, batch_size=256):
+                raise MissingEmbedExtra("embedding item text needs sentence-transformers", name="sentence_transformers")
+
+            monkeypatch.setattr(app.state.runtime.items.embedder, "embed", missing)
+            new = await client.post("/v1/items", headers=AUTH, json={"items": [{"item_id": "n1", "text": "a lipstick"}]})
+            attrs = await client.post("/v1/items", headers=AUTH, json={"items": [
+                {"item_id": "t0-1", "attributes": {"brand": ["acme"]}}]})
+            return new, attrs
+
+    new, attrs = run(go())
+    assert new.status_code == 503 and new.json()["error"]["code"] == "embedding_unavailable"
+    assert "sentence-transformers" in new.json()["error"]["message"]
+    assert attrs.status_code == 200, attrs.text
