@@ -26,15 +26,21 @@ REDIS_URL = os.environ.get("SIDREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 LAYOUT = (8, 8, 8, 4)
 
 
-def make_bundle(path: Path, n_items: int = 300, seed: int = 0, prefix: str = "item") -> Path:
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    cfg = ModelConfig(SIDLayout(LAYOUT), d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1)
+def random_model(layout: tuple[int, ...], g: torch.Generator, std: float = 0.6) -> SIDTransformer:
+    """A 1+1-layer SID transformer with weights drawn wide enough that scores are not near-ties."""
+    cfg = ModelConfig(SIDLayout(layout), d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1)
     model = SIDTransformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.6, generator=g)
+                p.normal_(0.0, std, generator=g)
+    return model
+
+
+def make_bundle(path: Path, n_items: int = 300, seed: int = 0, prefix: str = "item") -> Path:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = random_model(LAYOUT, g)
     cells = torch.randperm(LAYOUT[0] * LAYOUT[1] * LAYOUT[2], generator=g)[:n_items]
     dedup = torch.randint(0, LAYOUT[3], (n_items,), generator=g)
     sid_map = torch.stack([cells // 64, (cells // 8) % 8, cells % 8, dedup])  # (L, N), unique rows

@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from service_fixtures import random_model
+
 from sidrec.model.bundle import load_bundle, save_bundle
 from sidrec.model.cold_start import ColdStart, ColdStartOptions, reconstructions
-from sidrec.model.config import ModelConfig, SIDLayout
 from sidrec.model.engine import EngineOptions, RecommendEngine
-from sidrec.model.transformer import SIDTransformer
 
 LAYOUT = (4, 8, 8)  # 3 codes, no dedup digit
 D = 16
@@ -32,12 +32,7 @@ def bundle_path(tmp_path_factory):
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
-    cfg = ModelConfig(SIDLayout(LAYOUT), d_model=32, n_heads=2, d_head=16, d_ff=64, n_enc_layers=1, n_dec_layers=1)
-    model = SIDTransformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.6, generator=g)
+    model = random_model(LAYOUT, g)
     cells = torch.randperm(4 * 8 * 8, generator=g)[:N]
     sm = torch.stack([cells // 64, (cells // 8) % 8, cells % 8])  # (L, N), unique
     items = [{"item_id": f"i{i}", "text": f"item {i}", "attributes": {"shop": ["a" if i % 2 else "b"]}}
