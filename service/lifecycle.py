@@ -112,8 +112,14 @@ class ModelLifecycle:
         self.rt.install(new)
         switch_ms = 1e3 * (time.perf_counter() - t_switch)
         # Writes that reached the old version while the new one was being prepared: copy again
-        # (idempotent: items already there keep their SIDs).
-        more, lost2 = await self._migrate(old, new)
+        # (idempotent: items already there keep their SIDs). The switch is done: a failure here
+        # is logged, never allowed to undo it.
+        try:
+            more, lost2 = await self._migrate(old, new)
+        except Exception as e:
+            log.error("after the switch to %s, copying late catalogue writes failed: %s", new.version,
+                      getattr(e, "message", e))
+            more, lost2 = 0, []
         if self.settings.keep_previous_model:
             retire, self.rt.previous = (self.rt.previous if self.rt.previous is not new else None), old
         else:
