@@ -258,7 +258,8 @@ class ModelLifecycle:
 
     async def _reload_from_signal(self) -> None:
         try:
-            out = await self.load(self.settings.bundle_path)
+            # bundle_path is relative to the working directory (an API path is relative to the root)
+            out = await self.load(str(Path(self.settings.bundle_path).absolute()))
             log.warning("SIGHUP: now serving %s (was %s)", out.model_version, out.previous_version)
         except APIError as e:
             log.warning("SIGHUP: no switch: %s", e.message)
