@@ -115,9 +115,6 @@ class CatalogueStore(ABC):
     async def read_changes(self, position: str, block_s: float) -> list[Change]:
         """Entries after `position`, waiting up to block_s for the first; [] when none came."""
 
-    async def ping(self) -> bool:
-        return True
-
     async def close(self) -> None:
         return None
 
@@ -388,12 +385,6 @@ class RedisCatalogueStore(CatalogueStore):
             for eid, fields in entries:
                 out.append(Change(eid, int(fields["v"]), [_state(*s) for s in _list(fields["s"])]))
         return out
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.client.ping())
-        except Exception:
-            return False
 
     async def close(self) -> None:
         if self.follow_client is not self.client:

@@ -110,8 +110,8 @@ class ServiceRuntime:
 
     def _engine_unavailable(self, slot: ModelSlot | None = None) -> APIError:
         self.metrics.engine_failed_requests.inc()
-        wd = (slot or self.slot).watchdog if (slot or self.slot) else None
-        wait = str(wd.retry_after_s() if wd is not None else 1)
+        slot = slot or self.slot
+        wait = str(slot.watchdog.retry_after_s() if slot is not None and slot.watchdog is not None else 1)
         return APIError(503, "engine_unavailable", "the model engine stopped answering and is being restarted; "
                         "retry after the delay in Retry-After, or on another replica", headers={"Retry-After": wait})
 
