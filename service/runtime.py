@@ -16,8 +16,8 @@ from typing import Any
 
 from sidrec.model.engine import RecommendEngine
 from sidrec.service import schemas as S
-from sidrec.service.batcher import (BatcherClosed, DeadlineExceeded, QueueFull, RecommendEntry, RecommendOutput,
-                                    ScoreEntry)
+from sidrec.service.batcher import (MIN_USER_WORK, BatcherClosed, DeadlineExceeded, QueueFull, RecommendEntry,
+                                    RecommendOutput, ScoreEntry)
 from sidrec.service.engine_proc import EngineUnavailable
 from sidrec.service.errors import APIError
 from sidrec.service.index import RedisInverseIndex
@@ -128,13 +128,16 @@ class ServiceRuntime:
     def require_ready(self) -> RecommendEngine:
         return self.take_slot().engine
 
+    @staticmethod
+    def _at_capacity(e: QueueFull) -> APIError:
+        return APIError(429, "queue_full", f"the server is at capacity: {e.reason}; retry after the delay in "
+                        "Retry-After", {"retry_after_s": e.retry_after_s}, {"Retry-After": str(e.retry_after_s)})
+
     async def _run(self, coro, slot: ModelSlot | None = None) -> Any:
         try:
             return await coro
         except QueueFull as e:
-            raise APIError(429, "queue_full", f"the server is at capacity: {e.reason}; retry after the delay in "
-                           "Retry-After", {"retry_after_s": e.retry_after_s}, {"Retry-After": str(e.retry_after_s)}
-                           ) from None
+            raise self._at_capacity(e) from None
         except DeadlineExceeded:
             raise APIError(504, "timeout", f"the request did not finish within {self.settings.request_timeout_s:g} s "
                            "(SIDREC_REQUEST_TIMEOUT_S); try a smaller beam_width or retry") from None
@@ -192,6 +195,10 @@ class ServiceRuntime:
     async def recommend_batch(self, req: S.BatchRecommendRequest) -> S.BatchRecommendResponse:
         with self.take_slot().use() as slot:
             S.check_batch(req, self.settings)
+            try:  # refused by weight before its histories are mapped (the batcher decides again)
+                slot.batcher.check_admission(self._batch_work(req))
+            except QueueFull as e:
+                raise self._at_capacity(e) from None
             results: list[Any] = [None] * len(req.requests)
             todo = []
             for n, r in enumerate(req.requests):
@@ -209,6 +216,13 @@ class ServiceRuntime:
                     pos += len(out.sids)
             return S.BatchRecommendResponse(results=results, model_version=slot.version,
                                             catalogue_version=slot.catalogue_version)
+
+    def _batch_work(self, req: S.BatchRecommendRequest) -> int:
+        """The batch's weight in the admission budget, from its beams alone (as `resolve_recommend`
+        picks them, capped at the limit; an entry over it fails validation later and runs nothing)."""
+        s = self.settings
+        return sum(max(min(r.beam_width or max(s.default_beam_width, r.top_n or s.default_top_n), s.max_beam_width),
+                       MIN_USER_WORK) for r in req.requests)
 
     async def score(self, req: S.ScoreRequest) -> S.ScoreResponse:
         with self.take_slot().use() as slot:

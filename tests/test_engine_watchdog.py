@@ -342,6 +342,83 @@ def test_heavy_job_runs_in_slices_interleaved_with_light_requests():
     assert 0 < first_light < len(calls) - 1, calls
 
 
+class _RecordingEngine:
+    """Records each call's first history items; sleeps per call so rounds take time."""
+
+    def __init__(self, sleep_s: float = 0.01) -> None:
+        self.calls: list[list[int]] = []
+        self.sleep_s = sleep_s
+
+    def recommend(self, histories, beam_width, top_n, exclude=None):
+        self.calls.append([h[0] for h in histories])
+        time.sleep(self.sleep_s)
+        n = len(histories)
+        return BeamResult(torch.zeros(n, top_n, dtype=torch.long), torch.zeros(n, top_n, 4, dtype=torch.long),
+                          torch.zeros(n, top_n), torch.full((n,), top_n))
+
+
+def test_background_slices_yield_to_interactive_requests_and_finish_in_a_lull():
+    """Light requests never share an engine call with a heavy job's slice (its users are wider
+    than what a round's light work leaves), and while light requests keep the queue busy the heavy
+    job waits; it finishes once they stop."""
+    async def scenario():
+        eng = _RecordingEngine()
+        b = DynamicBatcher(eng, max_batch_size=4, max_group_work=200, max_queue_work=400, max_queue_delay_ms=0.0)
+        b.start()
+        heavy = asyncio.ensure_future(b.recommend([RecommendEntry([100 + i], 190, 2) for i in range(6)]))
+        await asyncio.sleep(0.005)  # its first slice is on the engine (an empty round)
+        stop = asyncio.Event()
+        done_during_load: list[bool] = []
+
+        async def light(k: int) -> None:  # closed-loop clients that keep the queue non-empty
+            while not stop.is_set():
+                await b.recommend([RecommendEntry([k], 8, 2)])
+
+        clients = [asyncio.ensure_future(light(k)) for k in range(1, 9)]
+        await asyncio.sleep(0.3)
+        done_during_load.append(heavy.done())
+        stop.set()
+        await asyncio.gather(*clients)
+        out = await heavy
+        await b.stop()
+        return eng.calls, out, done_during_load[0]
+
+    calls, out, done_during_load = run(scenario())
+    assert len(out) == 6 and all(o is not None for o in out)
+    assert not done_during_load, "the heavy job must wait while interactive requests fill every round"
+    mixed = [c for c in calls if any(x >= 100 for x in c) and any(x < 100 for x in c)]
+    assert not mixed, f"a heavy user shared an engine call with interactive requests: {mixed}"
+    assert [x for c in calls for x in c if x >= 100] == list(range(100, 106))  # every user once, in order
+
+
+def test_one_oversize_job_at_a_time():
+    release = threading.Event()
+
+    async def scenario():
+        b = DynamicBatcher(_RecordingEngine(0.0), max_batch_size=4, max_group_work=200, max_queue_work=300,
+                           max_queue_delay_ms=0.0)
+        b.start()
+        blocker = asyncio.ensure_future(b.run_exclusive(release.wait))
+        await asyncio.sleep(0.02)
+        first = asyncio.ensure_future(b.recommend([RecommendEntry([1], 100, 2)] * 4))  # 400 > 300
+        await asyncio.sleep(0.02)
+        second: QueueFull | None = None
+        try:
+            await b.recommend([RecommendEntry([2], 100, 2)] * 4)
+        except QueueFull as e:
+            second = e
+        release.set()
+        await blocker
+        await first
+        third = await b.recommend([RecommendEntry([3], 100, 2)] * 4)  # the first is done: admitted
+        await b.stop()
+        return second, third
+
+    second, third = run(scenario())
+    assert second is not None and "one at a time" in second.reason and second.retry_after_s >= 1
+    assert len(third) == 4
+
+
 # --- an engine error fails only its own request -----------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sidrec.model.text_embed import (DEFAULT_MODEL, DEFAULT_TEMPLATE, default_model_path, encode,
+from sidrec.model.text_embed import (DEFAULT_MODEL, DEFAULT_TEMPLATE, ENCODE_BATCH, default_model_path, encode,
                                      hashed_text_embeddings, load_sentence_model, render_text)
 from sidrec.training.data import DataError
 
@@ -75,7 +75,7 @@ def _check_texts(texts: Sequence[str], allow_empty: bool, item_ids: Sequence[str
     return out
 
 
-def embed_items(texts: list[str], model: str | None = None, *, batch_size: int = 256, device: str = "cpu",
+def embed_items(texts: list[str], model: str | None = None, *, batch_size: int = ENCODE_BATCH, device: str = "cpu",
                 cache_dir: str | Path | None = None, show_progress: bool = True, allow_empty: bool = False,
                 item_ids: Sequence[str] | None = None) -> np.ndarray:
     """Embed item texts with a local sentence-transformers model: (N, D) float32, rows L2-normalised.
