@@ -14,16 +14,9 @@ Inside a group, recommendations are sorted by beam width and cut into engine cal
 request's list is cut to its own top_n; each request keeps its own beam width). Scoring jobs are
 grouped separately. With batching off each job runs alone, still through the same thread.
 
-Admission counts work, not jobs. A job weighs `job_work`: the sum over its users of
-max(beam_width, MIN_USER_WORK) for recommendations, of max(candidates, MIN_USER_WORK) for
-scoring. Beams are the unit because the decoder's cost is beams x L steps (L is the same for
-every request of a model, so it drops out) and the trie, top-K and KV cache all scale with beams;
-a scored candidate is one teacher-forced beam over the same L steps. MIN_USER_WORK (16) is the
-floor per user: the encoder pass, history encoding and per-request bookkeeping cost about what 16
-beams do, so a flood of beam-1 requests is not admitted as if free. This is an estimate, not a
-calibrated model; its error only moves where the 429s start. The queue admits a job while the
-work waiting stays within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier
-than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
+Admission counts work, not jobs: each job weighs the beams (or scored candidates) of its users,
+with a floor per user (`service.jobs`). The queue admits a job while the work waiting stays
+within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
 only into an empty queue, and only while no other such job is in progress.
 
 Two lanes share the engine. Each round (one trip of the worker thread) runs at most
@@ -50,88 +43,14 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from sidrec.service.engine_proc import EngineUnavailable
+from sidrec.service.jobs import (BatcherClosed, DeadlineExceeded, Job, QueueFull, RecommendEntry, RecommendOutput,
+                                 ScoreEntry)
 from sidrec.service.metrics import ServiceMetrics
 
 log = logging.getLogger("sidrec.batcher")
-
-MIN_USER_WORK = 16  # work units one user costs at least (see the module docstring)
-
-
-class QueueFull(RuntimeError):
-    def __init__(self, retry_after_s: int, reason: str = "the request queue is full") -> None:
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
-        self.reason = reason
-
-
-class DeadlineExceeded(RuntimeError):
-    pass
-
-
-class BatcherClosed(RuntimeError):
-    pass
-
-
-@dataclass
-class RecommendEntry:
-    history: list[int]  # internal item indices, oldest first
-    beam_width: int
-    top_n: int
-    exclude: list[int] = field(default_factory=list)
-    filters: dict[str, list[str]] | None = None  # attribute -> allowed values (a mask inside the beam)
-
-
-@dataclass
-class RecommendOutput:
-    items: list[int]  # internal indices, best first, only valid ones
-    sids: list[list[int]]
-    scores: list[float]
-
-
-@dataclass
-class ScoreEntry:
-    history: list[int]
-    candidates: list[int]
-
-
-@dataclass
-class Job:
-    kind: str  # 'recommend' | 'score'
-    entries: list[Any]
-    future: asyncio.Future
-    enqueued: float
-    deadline: float
-    results: list[Any] = field(default_factory=list)
-    waiting: bool = True  # counted against the queue bounds (queued, not yet taken or abandoned)
-    weights: list[int] = field(default_factory=list)  # work of each entry
-    work: int = 0
-    cursor: int = 0  # entries [0, cursor) have been run (heavy jobs run in slices)
-    failed: bool = False  # an engine call raised on it (worker thread); its other entries are skipped
-    background: bool = False  # more work than one round holds: runs in slices, after foreground jobs
-
-    def __post_init__(self) -> None:
-        self.results = [None] * len(self.entries)
-        self.weights = [entry_work(self.kind, e) for e in self.entries]
-        self.work = sum(self.weights)
-
-    @property
-    def work_left(self) -> int:
-        return sum(self.weights[self.cursor:])
-
-
-def entry_work(kind: str, entry: Any) -> int:
-    """One user's weight (module docstring: beams or candidates, at least MIN_USER_WORK)."""
-    return max(entry.beam_width if kind == "recommend" else len(entry.candidates), MIN_USER_WORK)
-
-
-def job_work(kind: str, entries: Sequence[Any]) -> int:
-    """A job's weight in the admission budget."""
-    return sum(entry_work(kind, e) for e in entries)
-
 
 class DynamicBatcher:
     def __init__(self, engine: Any, *, batching: bool = True, max_batch_size: int = 32,

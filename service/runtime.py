@@ -16,8 +16,8 @@ from typing import Any
 
 from sidrec.model.engine import RecommendEngine
 from sidrec.service import schemas as S
-from sidrec.service.batcher import (MIN_USER_WORK, BatcherClosed, DeadlineExceeded, QueueFull, RecommendEntry,
-                                    RecommendOutput, ScoreEntry)
+from sidrec.service.jobs import (MIN_USER_WORK, BatcherClosed, DeadlineExceeded, QueueFull, RecommendEntry,
+                                 RecommendOutput, ScoreEntry)
 from sidrec.service.engine_proc import EngineUnavailable
 from sidrec.service.errors import APIError
 from sidrec.service.index import RedisInverseIndex

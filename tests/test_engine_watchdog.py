@@ -25,7 +25,8 @@ from service_fixtures import bundle_dir, run, running_app, same_ranking, setting
 
 from sidrec.model.beam_search import BeamResult
 from sidrec.model.bundle import read_config
-from sidrec.service.batcher import DynamicBatcher, QueueFull, RecommendEntry, job_work
+from sidrec.service.batcher import DynamicBatcher
+from sidrec.service.jobs import QueueFull, RecommendEntry, job_work
 from sidrec.service.engine_proc import (BundleInfo, EngineHung, EngineProcess, EngineUnavailable, HangPolicy,
                                         call_work)
 

@@ -6,7 +6,8 @@ import random
 
 from service_fixtures import bundle_dir, run, running_app, same_ranking, settings_for  # noqa: F401
 
-from sidrec.service.batcher import DynamicBatcher, RecommendEntry
+from sidrec.service.batcher import DynamicBatcher
+from sidrec.service.jobs import RecommendEntry
 
 
 class CountingEngine:
@@ -131,7 +132,7 @@ def test_abandoned_job_frees_its_queue_slot_at_once():
     the next request is admitted (not 429) even before the collector reaches the dead job."""
     import threading
 
-    from sidrec.service.batcher import DeadlineExceeded, QueueFull
+    from sidrec.service.jobs import DeadlineExceeded, QueueFull
 
     release = threading.Event()
 
