@@ -6,7 +6,7 @@ and the replica's engine apply).
 
 Builds a synthetic bundle whose codebooks live in MiniLM's space (`--base` product-like texts
 embedded with the real model; level centroids drawn from them and their residuals; layout
-64 x 64 x 64 + a de-duplication digit), serves it from one replica against Redis db 15 (a fresh
+64 x 64 x 64 + a de-duplication digit of --dedup codes), serves it from one replica against Redis db 15 (a fresh
 namespace, dropped at the end), writes `--items` new items to NDJSON and ingests them with the
 CLI's own `ingest`. Prints a table, then one JSON line; `extrapolated_100k_s` scales the measured
 rates to 100k items (linear: the store's claim is O(1) per item; an engine whose insert cost
@@ -39,11 +39,12 @@ ADJ = ["matte", "glossy", "organic", "vegan", "hydrating", "long-lasting", "trav
 
 
 def product_text(rng: random.Random) -> str:
-    return (f"{rng.choice(ADJ).title()} {rng.choice(ADJ)} {rng.choice(NOUNS)}. Category: Beauty > "
-            f"{rng.choice(NOUNS).title()}. Brand: B{rng.randrange(500)}. Price: {rng.randrange(3, 90)}.99")
+    return (f"{rng.choice(ADJ).title()} {rng.choice(ADJ)} {rng.choice(NOUNS)}, {rng.randrange(5, 500)} ml, "
+            f"line {rng.randrange(10_000):04d}. Category: Beauty > {rng.choice(NOUNS).title()}. "
+            f"Brand: B{rng.randrange(500)}. Price: {rng.randrange(3, 90)}.99")
 
 
-def build_bundle(path: Path, n_base: int, seed: int = 0) -> Path:
+def build_bundle(path: Path, n_base: int, seed: int = 0, dedup: int = 512) -> Path:
     from sidrec.model.bundle import save_bundle
     from sidrec.model.config import ModelConfig, SIDLayout
     from sidrec.model.sid_assign import add_dedup_digit, quantize
@@ -60,7 +61,7 @@ def build_bundle(path: Path, n_base: int, seed: int = 0) -> Path:
     books = [c0, c1, c2]
     codes, _ = quantize(X, books)
     sid_map, card = add_dedup_digit(codes)
-    cfg = ModelConfig(SIDLayout((64, 64, 64, max(32, card))), d_model=32, n_heads=2, d_head=16, d_ff=64,
+    cfg = ModelConfig(SIDLayout((64, 64, 64, max(dedup, card))), d_model=32, n_heads=2, d_head=16, d_ff=64,
                       n_enc_layers=1, n_dec_layers=1)
     torch.manual_seed(seed)
     return save_bundle(path, SIDTransformer(cfg), torch.from_numpy(sid_map), [f"base{i}" for i in range(n_base)],
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--base", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--dedup", type=int, default=512,
+                    help="de-duplication codes per prefix (synthetic texts crowd some prefixes: at 32, 100k "
+                         "items ran out after 3,456, which the service refuses with 409 sid_space_full)")
     args = ap.parse_args(argv)
     import redis
 
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from sidrec.service.items_cli import ingest
 
     tmp = Path(tempfile.mkdtemp(prefix="sidrec-ingest-"))
-    bundle = build_bundle(tmp / "bundle", args.base)
+    bundle = build_bundle(tmp / "bundle", args.base, dedup=args.dedup)
     rng = random.Random(1)
     with open(tmp / "items.jsonl", "w") as f:
         for i in range(args.items):

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sidrec.model.bundle import load_bundle, save_bundle  # noqa: E402
+from sidrec.model.bundle import ITEM_EMBEDDINGS, load_bundle, save_bundle  # noqa: E402
 from sidrec.model.cold_start import ColdStartOptions  # noqa: E402
 from sidrec.model.engine import EngineOptions, RecommendEngine  # noqa: E402
 from sidrec.training.config import apply_overrides, fingerprint, load_config  # noqa: E402
@@ -45,8 +45,8 @@ from sidrec.training.embeddings import DEFAULT_TEMPLATE, embed_items, render_tex
 from sidrec.training.new_items import assign_new_items  # noqa: E402
 from sidrec.training import pipeline as P  # noqa: E402
 
-GRID_DENSE = dict(decay=(1.0, 0.8, 0.6), weight=(2.5, 5.0, 10.0, 20.0, 40.0),
-                  bias=tuple(float(b) for b in range(2, -15, -1)))
+GRID_DENSE = dict(decay=(1.0, 0.8, 0.6, 0.4), weight=(2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0),
+                  bias=tuple(float(b) for b in range(6, -15, -1)))
 GRID_PREFIX = dict(bias=tuple(float(b) / 2 for b in range(-12, 13)))
 WARM_KEEP = 0.97  # tuning keeps validation warm R@10 >= 97% of the blend-off value (goal: 95% on test)
 
@@ -96,7 +96,7 @@ def train_bundle(d: InteractionData, full_emb: np.ndarray, cold: set[str], cfg, 
                      "dedup_digit": len(run.layout.cardinalities) > cfg.sid.levels,
                      "spread_collisions": cfg.sid.spread_collisions},
              "pipeline": cfg.to_dict()}
-    return save_bundle(out / "bundle", run.model, run.sid_map, wd.item_ids, codebooks=run.codebooks,
+    return save_bundle(out / "bundle", run.model, run.sid_map, wd.item_ids, codebooks=P.bundle_books(run),
                        extra_config=extra, overwrite=True, items=P.bundle_items(run))
 
 
@@ -218,10 +218,20 @@ def main() -> None:
                            item_ids=d.item_ids)
     if args.reuse_bundle:
         bundle_path = out / "bundle"
-        kept = set(load_bundle(bundle_path).item_ids)
+        old = load_bundle(bundle_path)
+        kept = set(old.item_ids)
         if kept & cold or len(kept) != d.num_items - len(cold):
             raise SystemExit(f"--reuse-bundle: {bundle_path} was not trained without this run's {len(cold)} cold items "
                              f"(it holds {len(kept)} items, {len(kept & cold)} of them cold); drop the flag to train")
+        if ITEM_EMBEDDINGS not in old.codebooks:  # a bundle from before the embeddings were exported
+            at = {iid: j for j, iid in enumerate(d.item_ids)}
+            rows = [at[i] for i in old.item_ids]
+            save_bundle(bundle_path, old.model, old.sid_map, old.item_ids,
+                        codebooks={**old.codebooks, ITEM_EMBEDDINGS: torch.from_numpy(full_emb[rows])},
+                        metrics=old.metrics, extra_config={k: v for k, v in old.config.items()
+                                                           if k in ("dataset", "sid", "pipeline")},
+                        overwrite=True, items=P.bundle_items(P.Run(None, out, cfg, data=warm_data(d, cold))))
+            print(f"--reuse-bundle: added the warm items' text embeddings to {bundle_path}", flush=True)
     else:
         bundle_path = train_bundle(d, full_emb, cold, cfg, out)
     t_train = time.time() - t0
@@ -236,7 +246,7 @@ def main() -> None:
     bundle = load_bundle(bundle_path)
     frozen = RecommendEngine(bundle, EngineOptions(dtype="auto", cold_start=ColdStartOptions(mode="off")))
     live = RecommendEngine(load_bundle(bundle_path), EngineOptions(dtype="auto", cold_start=ColdStartOptions(mode="off")))
-    live.add_items(fits, sids, [attrs[i] for i in fits], wait=True)
+    live.add_items(fits, sids, [attrs[i] for i in fits], wait=True, embeddings=new.embeddings[new.fits])
     t_add = time.time() - t1
     parents = {tuple(c) for c in bundle.sid_map[:-1].T.tolist()}  # the warm items' first L-1 codes
     same_prefix = float(np.mean([tuple(c[:-1]) in parents for c in sids.T.tolist()])) if fits else 0.0

@@ -2,7 +2,9 @@
 
 A bundle holds `config.json` (model hyper-parameters, SID layout, format version, dataset
 fingerprint, creation time, evaluation summary, and the sha256 of every file), `model.safetensors`,
-`sid_map.safetensors` (PID->SID, int64 [L, N]), `codebooks.safetensors` (quantizer centroids),
+`sid_map.safetensors` (PID->SID, int64 [L, N]), `codebooks.safetensors` (quantizer centroids
+`codebook_<level>`, and optionally `item_embeddings`, float16 [N, D]: the base items' text
+embeddings in the codebooks' space, which the cold-start blend compares with new items'),
 `item_ids.json` (internal index -> external id), `metrics.json`, an optional `report/` folder,
 and an optional `items.jsonl`: one JSON object per line, {"item_id", "text", "attributes"} for
 the base items (attributes: name -> list of strings), so filters work on day one and a new model
@@ -34,6 +36,9 @@ from sidrec.model.transformer import SIDTransformer
 
 FORMAT_VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "sid_map.safetensors", "item_ids.json")
+
+
+ITEM_EMBEDDINGS = "item_embeddings"  # optional entry of codebooks.safetensors (module docstring)
 
 
 class BundleError(ValueError):
@@ -102,8 +107,12 @@ def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, 
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         save_file({"sid_map": sid_map}, str(tmp / "sid_map.safetensors"))
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in (codebooks or {}).items()}
-                  or {"empty": torch.zeros(0)}, str(tmp / "codebooks.safetensors"))
+        books = {k: v.detach().to(torch.float16 if k == ITEM_EMBEDDINGS else torch.float32).cpu().contiguous()
+                 for k, v in (codebooks or {}).items()}
+        if ITEM_EMBEDDINGS in books and tuple(books[ITEM_EMBEDDINGS].shape[:1]) != (len(item_ids),):
+            raise BundleError(f"{ITEM_EMBEDDINGS} must have one row per item ({len(item_ids)}), got "
+                              f"{tuple(books[ITEM_EMBEDDINGS].shape)}")
+        save_file(books or {"empty": torch.zeros(0)}, str(tmp / "codebooks.safetensors"))
         _write_json(tmp / "item_ids.json", list(item_ids))
         _write_json(tmp / "metrics.json", metrics or {})
         if items is not None:
@@ -227,6 +236,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bo
     codebooks = {}
     if (path / "codebooks.safetensors").is_file():
         codebooks = {k: v for k, v in load_file(str(path / "codebooks.safetensors")).items() if k != "empty"}
+        emb = codebooks.get(ITEM_EMBEDDINGS)
+        if emb is not None and (emb.dim() != 2 or emb.shape[0] != len(item_ids)):
+            raise BundleError(f"{path / 'codebooks.safetensors'}: {ITEM_EMBEDDINGS} has shape {tuple(emb.shape)}, "
+                              f"expected one row for each of the {len(item_ids)} items")
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
     item_ids = list(map(str, item_ids))
     attrs = texts = None

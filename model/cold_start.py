@@ -7,10 +7,10 @@ arXiv 2411.18814, measured TIGER at ~0 cold-start recall). Two mechanisms are im
 work on the engine's beam result and add the request's cold candidates to it, so nothing in the
 beam, the kernels or the trie changes:
 
-- "dense" (LIGER-style): each item's SID reconstruction, the sum of its quantizer codes'
-  centroids (computed from the bundle's codebooks: no stored embedding), stands for its text
-  embedding. A history's profile is the recency-weighted mean of its items' normalised
-  reconstructions; a cold item's score is an affine map of its cosine to that profile into the
+- "dense" (LIGER-style): each item is represented by its text embedding where one is known
+  (the bundle's `item_embeddings` for base items, the service's embedding for items added at run
+  time) and otherwise by its SID reconstruction, the sum of its quantizer codes' centroids. A
+  history's profile is the recency-weighted mean of its items' normalised vectors; a cold item's score is an affine map of its cosine to that profile into the
   log-probability scale, `weight * (cos - 1) + bias`, so that it competes with the beam's
   log-probs (a cold item enters the top N only where its similarity beats the warm items'
   likelihood, not in a fixed number of slots). With `relative`, the request's best beam score is
@@ -83,19 +83,74 @@ def reconstructions(codebooks: Sequence[Tensor], sids: Tensor) -> Tensor:
 class ColdStart:
     """The cold items of one engine and their blend into a beam result."""
 
-    def __init__(self, codebooks: Mapping[str, Tensor], num_levels: int) -> None:
+    def __init__(self, codebooks: Mapping[str, Tensor], num_levels: int,
+                 item_embeddings: Tensor | None = None) -> None:
         names = sorted((k for k in codebooks if k.startswith("codebook_")), key=lambda k: int(k.split("_")[1]))
         self.codebooks = [codebooks[k].float().cpu() for k in names]  # per level (C_l, D)
         if len(self.codebooks) > num_levels:
             raise ValueError(f"{len(self.codebooks)} codebooks for SIDs of {num_levels} codes")
+        self.dim = int(self.codebooks[0].shape[1]) if self.codebooks else None
+        # Text embeddings by internal index, float16, where known (`_known`); grown by doubling.
+        self._emb = torch.zeros(0, self.dim or 0, dtype=torch.float16)
+        self._known = torch.zeros(0, dtype=torch.bool)
         self._cold: set[int] = set()
-        self._version = 0  # bumped by every mark (add_items marks new and moved items alike)
-        self._rec: tuple[tuple, Tensor] | None = None  # the cold candidates' reconstructions, reused
+        self._version = 0  # bumped by every mark and embedding change
+        self._rec: tuple[tuple, Tensor] | None = None  # the cold candidates' vectors, reused
         self._lock = threading.Lock()
+        if item_embeddings is not None and item_embeddings.numel() and self.dim is not None:
+            if item_embeddings.dim() != 2 or item_embeddings.shape[1] != self.dim:
+                raise ValueError(f"the bundle's item embeddings are {tuple(item_embeddings.shape)}, but its "
+                                 f"codebooks are {self.dim}-dimensional")
+            self.set_embeddings(range(item_embeddings.shape[0]), item_embeddings)
 
     @property
     def can_score_dense(self) -> bool:
         return bool(self.codebooks)
+
+    def set_embeddings(self, items: Sequence[int], embeddings: Tensor | None) -> None:
+        """Record the text embeddings (n, D) of `items` (new or moved ones); None forgets theirs,
+        so that their SID reconstruction stands in (a text change without a known embedding)."""
+        idx = torch.as_tensor(list(items), dtype=torch.int64)
+        if embeddings is not None:
+            x = torch.as_tensor(embeddings).float().cpu()
+            if self.dim is None or x.dim() != 2 or x.shape != (idx.numel(), self.dim):
+                raise ValueError(f"item embeddings must be ({idx.numel()}, {self.dim}) to match the codebooks, "
+                                 f"got {tuple(x.shape)}")
+            x = torch.nn.functional.normalize(x, dim=-1).half()
+        with self._lock:
+            if idx.numel() == 0:
+                return
+            need = int(idx.max()) + 1
+            if need > self._known.numel():
+                if embeddings is None:
+                    idx = idx[idx < self._known.numel()]
+                else:
+                    cap = max(need, 2 * self._known.numel())
+                    emb = torch.zeros(cap, self.dim, dtype=torch.float16)
+                    known = torch.zeros(cap, dtype=torch.bool)
+                    emb[: self._known.numel()] = self._emb
+                    known[: self._known.numel()] = self._known
+                    self._emb, self._known = emb, known
+            if embeddings is None:
+                self._known[idx] = False
+            else:
+                self._emb[idx] = x
+                self._known[idx] = True
+            self._version += 1
+
+    def vectors(self, items: Tensor, sids: Tensor) -> Tensor:
+        """(n, D) unit vectors of `items`: the text embedding where known, else the SID
+        reconstruction from `sids` (L, N), the whole catalogue's SIDs."""
+        emb, known = self._emb, self._known
+        has = torch.zeros(items.numel(), dtype=torch.bool)
+        inside = items < known.numel()
+        has[inside] = known[items[inside]]
+        if bool(has.all()):
+            return emb[items].float()
+        out = reconstructions(self.codebooks, sids[:, items])
+        if bool(has.any()):
+            out[has] = emb[items[has]].float()
+        return out
 
     def mark(self, items: Sequence[int], cold: bool) -> None:
         with self._lock:
@@ -141,7 +196,7 @@ class ColdStart:
         if got is not None and got[0] == key:
             cand = got[1]
         else:  # recomputed only after add_items (M x D floats; a gather per request otherwise)
-            cand = reconstructions(self.codebooks, sids[:, items])  # (M, D)
+            cand = self.vectors(items, sids)  # (M, D)
             self._rec = (key, cand)
         prof = torch.zeros(B, cand.shape[1])
         has = torch.zeros(B, dtype=torch.bool)
@@ -149,7 +204,7 @@ class ColdStart:
             h = list(h)[-max_history:] if max_history > 0 else []
             if not h:
                 continue
-            rec = reconstructions(self.codebooks, sids[:, torch.as_tensor(h, dtype=torch.int64)])  # (T, D)
+            rec = self.vectors(torch.as_tensor(h, dtype=torch.int64), sids)  # (T, D)
             w = opts.decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float32)  # most recent: 1
             prof[b] = (w[:, None] * rec).sum(0)
             has[b] = True

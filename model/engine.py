@@ -14,8 +14,9 @@ import ctypes
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,7 +24,7 @@ from sidrec.kernels.dispatch import get_beam_step
 from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.attributes import AttributeIndex, check_attributes, check_filter
 from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
-from sidrec.model.bundle import Bundle, load_bundle
+from sidrec.model.bundle import ITEM_EMBEDDINGS, Bundle, load_bundle
 from sidrec.model.cold_start import ColdStart, ColdStartOptions
 from sidrec.model.live_trie import LiveCatalogue
 from sidrec.model.request_masks import FilterMaskCache, batch_masks
@@ -125,7 +126,8 @@ class RecommendEngine(CatalogueIds):
         self.item_ids = self.catalogue.item_ids  # grows with add_items (shared list)
         self.index_of = self.catalogue.index_of
         self.attributes = AttributeIndex(getattr(bundle, "item_attributes", None))
-        self.cold = ColdStart(getattr(bundle, "codebooks", None) or {}, self.cfg.layout.num_levels)
+        books = getattr(bundle, "codebooks", None) or {}
+        self.cold = ColdStart(books, self.cfg.layout.num_levels, books.get(ITEM_EMBEDDINGS))
         if self.options.cold_start.mode == "dense" and not self.cold.can_score_dense:
             # no codebooks, no reconstructions (nor SIDs from text): served as before, recorded here
             self.options = replace(self.options, cold_start=replace(self.options.cold_start, mode="off"))
@@ -167,7 +169,7 @@ class RecommendEngine(CatalogueIds):
 
     def add_items(self, item_ids: Sequence[str], sids: Tensor,
                   attributes: Sequence[Mapping[str, list[str]]] | None = None, wait: bool = False,
-                  timeout: float | None = 60.0, cold: bool = True) -> int:
+                  timeout: float | None = 60.0, cold: bool = True, embeddings: Any = None) -> int:
         """Insert new ids, or move existing ids to new SIDs (their old SID is retired at once).
 
         sids: (L, n) int64. New ids get new internal indices (appended, never reused); an id given
@@ -178,7 +180,9 @@ class RecommendEngine(CatalogueIds):
         Returns the trie generation that serves the items; wait=True returns once recommend()
         sees them (TimeoutError after `timeout` seconds). cold: the items have no interactions yet
         (the default for items added at run time; base items are warm): the cold-start blend
-        scores them (EngineOptions.cold_start); cold=False marks them warm.
+        scores them (EngineOptions.cold_start); cold=False marks them warm. embeddings: (n, D)
+        text embeddings of the items in the codebooks' space, which the dense blend compares;
+        None: their SID reconstructions stand in.
         """
         item_ids = [str(x) for x in item_ids]
         checked = None
@@ -186,8 +190,13 @@ class RecommendEngine(CatalogueIds):
             if len(attributes) != len(item_ids):
                 raise ValueError(f"got {len(attributes)} attribute dicts for {len(item_ids)} items")
             checked = [None if a is None else check_attributes(a, f"item {i!r}") for i, a in zip(item_ids, attributes)]
+        if embeddings is not None and self.cold.dim is not None:
+            embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+            if tuple(embeddings.shape) != (len(item_ids), self.cold.dim):
+                raise ValueError(f"embeddings must be ({len(item_ids)}, {self.cold.dim}), got {tuple(embeddings.shape)}")
         gen, idx = self.catalogue.put(item_ids, sids)
         self.cold.mark(idx, cold)
+        self.cold.set_embeddings(idx, embeddings if self.cold.dim is not None else None)
         if checked is not None:
             for i, a in zip(idx, checked):
                 if a is not None:  # None: leave the item's attributes as they are

@@ -20,12 +20,24 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
+import numpy as np
 import torch
 
-from sidrec.service.catalogue_store import CatalogueStore, ItemState
+from sidrec.service.catalogue_store import CatalogueStore, ItemState, decode_embedding
 from sidrec.service.index import SidCodec
 
 log = logging.getLogger("sidrec.catalogue")
+
+Add = tuple[str, int, "dict | None", "str | None"]  # item id, packed SID, attributes, encoded embedding
+
+
+def embeddings_of(encoded: Sequence[str | None]) -> np.ndarray | None:
+    """(n, D) float32 from encoded embeddings, or None unless every one decodes to the same size
+    (the engine then uses the items' SID reconstructions)."""
+    rows = [decode_embedding(e) for e in encoded]
+    if not rows or any(r is None for r in rows) or len({r.shape for r in rows}) != 1:
+        return None
+    return np.stack(rows)
 
 
 class CatalogueFollower:
@@ -45,6 +57,7 @@ class CatalogueFollower:
         self.sids: dict[str, int] = {}  # packed SID applied for each item added or moved
         self.deleted: set[str] = set()  # ids this follower masked in the engine
         self.attrs: dict[str, dict] = {}  # attributes set on the engine since the bundle
+        self.emb: dict[str, str] = {}  # text embedding (encoded) of each added or moved item that has one
         self.caught_up = False
         self.resyncs = 0
         self.apply_errors = 0
@@ -107,10 +120,12 @@ class CatalogueFollower:
     def reapply(self, engine: Any) -> None:
         """Put everything this replica mirrored into a fresh engine (say a restarted engine process,
         before it takes traffic): synchronous, on the caller's thread, waits for the trie."""
-        if self.sids:
-            ids = list(self.sids)
+        for ids in ([i for i in self.sids if i in self.emb], [i for i in self.sids if i not in self.emb]):
+            if not ids:
+                continue
             sids = torch.tensor([self.codec.unpack(self.sids[i]) for i in ids], dtype=torch.int64).t()
-            engine.add_items(ids, sids.contiguous(), attributes=[self.attrs.get(i) for i in ids], wait=True)
+            engine.add_items(ids, sids.contiguous(), attributes=[self.attrs.get(i) for i in ids], wait=True,
+                             embeddings=embeddings_of([self.emb.get(i) for i in ids]))
         rest = [i for i in self.attrs if i not in self.sids]
         if rest:
             engine.set_attributes(rest, [self.attrs[i] for i in rest])
@@ -160,7 +175,7 @@ class CatalogueFollower:
             self._progress.notify_all()
 
     async def _apply(self, states: Sequence[ItemState], undelete: Sequence[str] = ()) -> None:
-        adds: list[tuple[str, int, dict | None]] = []  # None attributes: leave the item's as they are
+        adds: list[Add] = []  # None attributes: leave the item's as they are
         attrs: list[tuple[str, dict]] = []
         mask, unmask = [], list(undelete)
         for st in states:
@@ -168,9 +183,10 @@ class CatalogueFollower:
             if packed is None:
                 continue  # a state without a SID: nothing the engine can hold
             held = self.sids.get(st.item_id, self.base_sid.get(st.item_id))
-            if held != packed:
+            if held != packed or (st.embedding and st.embedding != self.emb.get(st.item_id)):
+                # a new or moved SID, or new text that kept its SID (the embedding still changed)
                 adds.append((st.item_id, packed, st.attributes if st.attributes is not None
-                             else (None if st.item_id in self.base_sid else {})))
+                             else (None if st.item_id in self.base_sid else {}), st.embedding))
             elif st.attributes is not None:
                 attrs.append((st.item_id, st.attributes))
             if st.deleted and st.item_id not in self.deleted:
@@ -201,33 +217,47 @@ class CatalogueFollower:
                       "deleted items", len(states), exc_info=True)
         if generation:
             await self._until_live(max(generation))
-        for iid, packed, _ in adds:
+        for iid, packed, _, emb in adds:
             self.sids[iid] = packed
-        self.attrs.update((iid, a) for iid, _, a in adds if a is not None)
+            if emb:
+                self.emb[iid] = emb
+            else:
+                self.emb.pop(iid, None)
+        self.attrs.update((iid, a) for iid, _, a, _ in adds if a is not None)
         self.attrs.update(attrs)
         self.deleted.update(mask)
         self.deleted.difference_update(unmask)
 
-    def _add(self, adds: list[tuple[str, int, dict | None]]) -> list[int]:
+    def _add(self, adds: list[Add]) -> list[int]:
         """engine.add_items for the batch; on a refusal, item by item so one bad entry (logged) does
         not stall the log: the lookup gate keeps responses right whatever the mirror holds."""
         gens: list[int] = []
 
-        def one(batch: list[tuple[str, int, dict | None]]) -> None:
-            sids = torch.tensor([self.codec.unpack(p) for _, p, _ in batch], dtype=torch.int64).t()  # (L, n)
+        def one(batch: list[Add]) -> None:
+            sids = torch.tensor([self.codec.unpack(a[1]) for a in batch], dtype=torch.int64).t()  # (L, n)
             gen = self.engine.add_items([a[0] for a in batch], sids.contiguous(), attributes=[a[2] for a in batch],
-                                        wait=False)
+                                        wait=False, embeddings=embeddings_of([a[3] for a in batch]))
             if isinstance(gen, int):
                 gens.append(gen)
 
+        with_emb = [a for a in adds if embeddings_of([a[3]]) is not None]
+        without = [a for a in adds if embeddings_of([a[3]]) is None]
         try:
-            one(adds)
+            for part in (with_emb, without):
+                if part:
+                    one(part)
         except ValueError:
             for a in adds:
                 try:
                     one([a])
                 except ValueError as e:
-                    log.error("engine refused catalogue item %s: %s", a[0], e)
+                    try:  # an embedding the engine cannot use (another dimension) must not cost the item
+                        if a[3] is None:
+                            raise
+                        one([(a[0], a[1], a[2], None)])
+                        log.warning("catalogue item %s added without its embedding: %s", a[0], e)
+                    except ValueError as e2:
+                        log.error("engine refused catalogue item %s: %s", a[0], e2)
         return gens
 
     async def _until_live(self, generation: int) -> None:

@@ -24,11 +24,14 @@ This module neither embeds nor quantizes (see `service.items`) nor touches an en
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import numpy as np
 
 from sidrec.model.sid_assign import SidSpaceFull
 from sidrec.service.index import SidCodec, keys
@@ -43,6 +46,7 @@ class ItemState:
     text: str | None  # None: the bundle's
     attributes: dict[str, list[str]] | None  # None: the bundle's
     deleted: bool
+    embedding: str | None = None  # the text's embedding (encode_embedding) where the writer had it
 
     def to_dict(self) -> dict[str, Any]:
         return {"item_id": self.item_id, "sid": self.sid, "text": self.text, "attributes": self.attributes,
@@ -56,6 +60,7 @@ class Upsert:
     attributes: dict[str, list[str]] | None
     candidates: list[int] | None  # packed SIDs, best first; None: keep the item's SID (attributes only)
     base_sid: int | None  # the item's bundle SID, None for an item not in the bundle
+    embedding: str | None = None  # encode_embedding of the text's vector (the cold-start blend reads it)
 
 
 @dataclass(frozen=True)
@@ -79,14 +84,32 @@ class Snapshot:
     states: list[ItemState]
 
 
+def encode_embedding(vector: np.ndarray) -> str:
+    """A text embedding as it travels through the store and its log: float16, base64 (1 KB at 384-d)."""
+    return base64.b64encode(np.asarray(vector, dtype="<f2").tobytes()).decode("ascii")
+
+
+def decode_embedding(raw: str | None) -> np.ndarray | None:
+    """float32 vector of an `encode_embedding` string; None for none or a malformed one."""
+    if not raw:
+        return None
+    try:
+        return np.frombuffer(base64.b64decode(raw, validate=True), dtype="<f2").astype(np.float32)
+    except (ValueError, TypeError):
+        return None
+
+
 def _state(item_id: str, sid: Any, rec: Any, deleted: Any) -> ItemState:
     r = json.loads(rec) if rec else {}
     return ItemState(str(item_id), int(sid) if sid not in (None, "", False) else None, r.get("text"),
-                     r.get("attributes"), bool(int(deleted)) if deleted not in (None, "") else False)
+                     r.get("attributes"), bool(int(deleted)) if deleted not in (None, "") else False, r.get("emb"))
 
 
-def _rec(text: str | None, attributes: dict | None) -> str:
-    return json.dumps({"text": text, "attributes": attributes}, separators=(",", ":"))
+def _rec(text: str | None, attributes: dict | None, embedding: str | None = None) -> str:
+    rec: dict[str, Any] = {"text": text, "attributes": attributes}
+    if embedding:
+        rec["emb"] = embedding
+    return json.dumps(rec, separators=(",", ":"))
 
 
 class CatalogueStore(ABC):
@@ -187,7 +210,7 @@ class InProcessCatalogueStore(CatalogueStore):
                         self.owner.pop(cur, None)
                 self.owner[chosen] = it.item_id
                 self.sid[it.item_id] = chosen
-            self.rec[it.item_id] = _rec(it.text, it.attributes)
+            self.rec[it.item_id] = _rec(it.text, it.attributes, it.embedding)
         return await self._commit([p[0].item_id for p in plan], unknown)
 
     async def set_deleted(self, item_ids: Sequence[str], deleted: bool, base_sids: dict[str, int]) -> WriteResult:
@@ -344,7 +367,8 @@ class RedisCatalogueStore(CatalogueStore):
 
     async def upsert(self, items: Sequence[Upsert]) -> WriteResult:
         ops = [{"t": "u", "id": it.item_id, "base": "" if it.base_sid is None else str(it.base_sid),
-                "rec": _rec(it.text, it.attributes), "cands": [self._cand(p) for p in (it.candidates or [])]}
+                "rec": _rec(it.text, it.attributes, it.embedding),
+                "cands": [self._cand(p) for p in (it.candidates or [])]}
                for it in items]
         return await self._run(ops)
 

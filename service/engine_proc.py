@@ -289,8 +289,8 @@ class EngineProcess(CatalogueIds):
 
     # --- the living catalogue (forwarded; service.catalogue_follow is the caller) ---------------------
 
-    def add_items(self, item_ids, sids, attributes=None, wait=False) -> int:
-        out = self._call("add_items", list(item_ids), sids, attributes=attributes, wait=wait)
+    def add_items(self, item_ids, sids, attributes=None, wait=False, embeddings=None) -> int:
+        out = self._call("add_items", list(item_ids), sids, attributes=attributes, wait=wait, embeddings=embeddings)
         new = [i for i in dict.fromkeys(item_ids) if i not in self.index_of]
         if new:  # the engine appends new items after the bundle's: mirror their internal indices here
             self.item_ids = self.item_ids + new  # a new list: the bundle's own stays as loaded

@@ -24,7 +24,7 @@ from sidrec.model.sid_assign import SidSpaceFull, candidate_sids, quantize
 from sidrec.model.text_embed import MissingEmbedExtra, TextEmbedder
 from sidrec.service import schemas as S
 from sidrec.service.catalogue_follow import CatalogueFollower
-from sidrec.service.catalogue_store import CatalogueStore, ItemState, Upsert
+from sidrec.service.catalogue_store import CatalogueStore, ItemState, Upsert, encode_embedding
 from sidrec.service.errors import APIError
 from sidrec.service.index import SidCodec
 from sidrec.service.settings import Settings
@@ -78,13 +78,14 @@ class ItemCatalogue:
 
     # --- writes -----------------------------------------------------------------------------------
 
-    def _assign_candidates(self, texts: list[str]) -> list[list[int]]:
-        """Embed + quantize (a worker thread: CPU-bound) -> each text's candidate packed SIDs."""
+    def _assign_candidates(self, texts: list[str]) -> list[tuple[list[int], str]]:
+        """Embed + quantize (a worker thread: CPU-bound) -> each text's candidate packed SIDs and
+        its embedding (encode_embedding), which the replicas' cold-start blend compares."""
         assert self.embedder is not None
         X = self.embedder.embed(texts)
         codes, residual = quantize(X, self.codebooks)
         cands = candidate_sids(codes, residual, self.codebooks, self.codec.cardinalities, self.spread)
-        return [[self.codec.pack(c) for c in row] for row in cands]
+        return [([self.codec.pack(c) for c in row], encode_embedding(x)) for row, x in zip(cands, X)]
 
     async def upsert(self, req: S.ItemsWriteRequest) -> S.ItemsWriteResponse:
         S.check_items(req, self.settings)
@@ -101,7 +102,7 @@ class ItemCatalogue:
                                                                      "type": "missing"}])
             if it.text is not None and (not known or it.text != self._text(it.item_id, current)):
                 todo.append(n)
-        cands: dict[int, list[int]] = {}
+        cands: dict[int, tuple[list[int], str]] = {}
         t1 = time.perf_counter()
         if todo:
             if self.embedder is None or not self.codebooks:
@@ -119,7 +120,8 @@ class ItemCatalogue:
             cur = current.get(it.item_id)
             text = it.text if it.text is not None else (cur.text if cur else None)
             attrs = it.attributes if it.attributes is not None else (cur.attributes if cur else None)
-            ups.append(Upsert(it.item_id, text, attrs, cands.get(n), self.base_sid.get(it.item_id)))
+            cand, emb = cands.get(n, (None, cur.embedding if cur and text == cur.text else None))
+            ups.append(Upsert(it.item_id, text, attrs, cand, self.base_sid.get(it.item_id), emb))
         t2 = time.perf_counter()
         try:
             res = await self._store_call(self.store.upsert(ups))

@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
+import torch
 
 from catalogue_fixtures import TOPICS, text_bundle, topic_text
 from service_fixtures import REDIS_URL, redis_ns, run, running_app, settings_for  # noqa: F401
+
+from sidrec.service.catalogue_store import decode_embedding
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -61,6 +65,10 @@ def test_cold_start_item_gets_its_topic_prefix_and_is_recommended(tbundle):
                                    json={"items": [{"item_id": "new-perfume", "text": TOPICS[5] + " travel kit"}]})
             moved = r3.json()["items"][0]["sid"]
             assert moved[0] == 5 and moved != sid
+            rt = app.state.runtime
+            emb_moved = rt.follower.emb["new-perfume"]  # the new text's embedding, kept by the attribute update
+            np.testing.assert_allclose(decode_embedding(emb_moved),
+                                       rt.slot.items.embedder.embed([TOPICS[5] + " travel kit"])[0], atol=2e-3)
             assert await app.state.runtime.index.lookup([sid]) == [None]
             assert await app.state.runtime.index.lookup([moved]) == ["new-perfume"]
             assert (await client.get("/v1/items/new-perfume")).json()["attributes"] == {"brand": ["y"]}
@@ -175,6 +183,13 @@ def test_two_replicas_share_adds_and_deletes_through_redis(tbundle, redis_ns):
                 seen = "fresh" in _ids(await b.post("/v1/recommend", json=_rec(history, top_n=60)))
                 await asyncio.sleep(0.02)
             assert seen, "an add on replica A was not served by replica B within 1 s"
+            # the text's embedding travelled with the change: B's cold-start blend compares it, not codes
+            want = app_a.state.runtime.slot.items.embedder.embed([TOPICS[6] + " waterproof volume"])[0]
+            np.testing.assert_allclose(decode_embedding(app_b.state.runtime.follower.emb["fresh"]), want, atol=2e-3)
+            eng_b = app_b.state.runtime.engine
+            i = eng_b.index_of["fresh"]
+            np.testing.assert_allclose(eng_b.cold.vectors(torch.tensor([i]), eng_b.sid_map)[0].numpy(), want,
+                                       atol=2e-3)
             top = _ids(await b.post("/v1/recommend", json=_rec(history)))
             victim = top[0]
             app_b.state.runtime.follower.block_s = 5.0  # B's mirror lags: the lookup gate must hold alone

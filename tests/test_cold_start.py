@@ -209,3 +209,40 @@ def test_relative_scores_are_measured_from_the_best_beam(bundle_path):
     finally:
         off.close()
         rel.close()
+
+
+def test_text_embeddings_outrank_sid_reconstructions(bundle_path, tmp_path):
+    """With the bundle's item embeddings, a cold item whose text embedding matches the history's is
+    returned although its SID sits in another cluster; without its embedding (reconstruction
+    only), it is not. A moved item added without an embedding falls back to its reconstruction."""
+    b = load_bundle(bundle_path)
+    books = {k: v for k, v in b.codebooks.items() if k.startswith("codebook_")}
+    recs = reconstructions([books[f"codebook_{k}"] for k in range(3)], b.sid_map)  # (N, D)
+    path = save_bundle(tmp_path / "emb", b.model, b.sid_map, b.item_ids,
+                       codebooks={**books, "item_embeddings": recs})
+    eng = _engine(path, mode="dense", weight=20.0, bias=0.0, decay=1.0)
+    try:
+        assert eng.cold._known[:N].all()
+        hist = _cluster_history(eng, 0)
+        profile = torch.nn.functional.normalize(recs[hist].mean(0), dim=0)
+        sid = _free_sid_in(eng, 2)  # far from the history by its codes
+        eng.add_items(["far-codes"], sid, wait=True)
+        assert "far-codes" not in _top(eng, hist)
+        eng.add_items(["far-codes"], sid, wait=True, embeddings=profile[None].numpy())  # same SID, new text
+        assert "far-codes" in _top(eng, hist)[:3]
+        eng.add_items(["far-codes"], _free_sid_in(eng, 2), wait=True)  # moved, no embedding: codes again
+        assert "far-codes" not in _top(eng, hist)
+        with pytest.raises(ValueError, match=r"embeddings must be \(1, 16\)"):
+            eng.add_items(["bad"], _free_sid_in(eng, 3), embeddings=torch.zeros(1, 5).numpy())
+        assert "bad" not in eng.index_of  # refused before anything was written
+    finally:
+        eng.close()
+
+
+def test_bundle_refuses_item_embeddings_of_the_wrong_length(bundle_path, tmp_path):
+    from sidrec.model.bundle import BundleError
+
+    b = load_bundle(bundle_path)
+    with pytest.raises(BundleError, match="one row per item"):
+        save_bundle(tmp_path / "x", b.model, b.sid_map, b.item_ids,
+                    codebooks={**b.codebooks, "item_embeddings": torch.zeros(N - 1, D)})

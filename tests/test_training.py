@@ -50,7 +50,11 @@ def test_bundle_round_trip_gives_identical_recommendations(trained_run):
     assert torch.equal(bundle.sid_map, run.sid_map.to(torch.int64))
     for k, v in run.model.state_dict().items():
         assert torch.equal(v.cpu(), bundle.model.state_dict()[k]), k
-    assert bundle.codebooks and all(v.dtype == torch.float32 for v in bundle.codebooks.values())
+    books = {k: v for k, v in bundle.codebooks.items() if k.startswith("codebook_")}
+    assert books and all(v.dtype == torch.float32 for v in books.values())
+    emb = bundle.codebooks["item_embeddings"]  # the base items' text embeddings, for the cold-start blend
+    assert emb.dtype == torch.float16 and emb.shape == (len(bundle.item_ids), books["codebook_0"].shape[1])
+    torch.testing.assert_close(emb.float(), torch.as_tensor(run.embeddings).float(), atol=1e-3, rtol=1e-2)
     assert (out / "bundle" / "report" / "learning_curves.png").is_file()
     assert (out / "bundle" / "report" / "codebook_usage.png").is_file()
     assert bundle.config["evaluation"]["recall@10"] == bundle.metrics["recall@10"]

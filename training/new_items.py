@@ -25,6 +25,7 @@ class NewItemSIDs:
     sids: np.ndarray  # (M, L) int64
     fits: np.ndarray  # (M,) bool: the dedup digit is inside the bundle's vocabulary
     nearest_existing: list[str | None]  # an existing item holding the codes the quantiser gave, if any
+    embeddings: np.ndarray | None = None  # (M, D) the texts' embeddings (engine.add_items takes them)
 
 
 def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str | None = None) -> NewItemSIDs:
@@ -49,8 +50,8 @@ def assign_new_items(bundle_path: str | Path, texts: list[str], embed_model: str
     sids, nearest = new_item_sids(X, codebooks, bundle.sid_map.numpy(), bool(sid_cfg.get("spread_collisions")))
     near = [None if p < 0 else bundle.item_ids[p] for p in nearest]
     if bundle.sid_map.shape[0] == len(codebooks):  # SIDs without a dedup digit: only digit 0 fits
-        return NewItemSIDs(sids[:, :-1], sids[:, -1] == 0, near)
-    return NewItemSIDs(sids, sids[:, -1] < bundle.model_config.layout.cardinalities[-1], near)
+        return NewItemSIDs(sids[:, :-1], sids[:, -1] == 0, near, X)
+    return NewItemSIDs(sids, sids[:, -1] < bundle.model_config.layout.cardinalities[-1], near, X)
 
 
 def new_item_sids(X: np.ndarray, codebooks: list[np.ndarray], existing: np.ndarray,

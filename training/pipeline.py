@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sidrec.kernels.trie import PrefixTrie
-from sidrec.model.bundle import save_bundle
+from sidrec.model.bundle import ITEM_EMBEDDINGS, save_bundle
 from sidrec.model.config import SIDLayout
 from sidrec.training.config import PipelineConfig, fingerprint
 
@@ -290,6 +290,21 @@ def _score_splits(run: Run) -> dict:
     return metrics
 
 
+def bundle_books(run: Run) -> dict[str, torch.Tensor]:
+    """The bundle's codebooks, with the items' text embeddings (float16) beside them when the
+    codebooks live in the embedding space (RQ-KMeans), so the cold-start blend can compare a new
+    item's embedding with the history's rather than with SID reconstructions."""
+    books = dict(run.codebooks or {})
+    if run.embeddings is None and run.data is not None and run.fps.get("data"):
+        stage_embed(run)  # cached on disk by its stage: a load, not a re-embedding
+    X = run.embeddings
+    dim = next(iter(books.values())).shape[1] if books else None
+    if (run.cfg.sid.method == "rq_kmeans" and X is not None and dim == X.shape[1]
+            and len(X) == run.sid_map.shape[1]):
+        books[ITEM_EMBEDDINGS] = torch.as_tensor(np.asarray(X), dtype=torch.float16)
+    return books
+
+
 def bundle_items(run: Run) -> list[dict[str, Any]]:
     """items.jsonl records from the item table: the text that was embedded, and as attributes
     every other non-id column (Beauty: categories split into their path levels, brand)."""
@@ -320,7 +335,7 @@ def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
                      "cardinalities": sid_stamp.get("cardinalities")},
              "evaluation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
              "pipeline": run.cfg.to_dict()}
-    path = save_bundle(bundle_dir, run.model, run.sid_map, d.item_ids, codebooks=run.codebooks, metrics=metrics,
+    path = save_bundle(bundle_dir, run.model, run.sid_map, d.item_ids, codebooks=bundle_books(run), metrics=metrics,
                        extra_config=extra, report_dir=run.out / "report", overwrite=True, items=bundle_items(run))
     run.stamp("export", fingerprint(run.fps.get("evaluate"), str(path)), bundle=str(path))
     run.log(f"export: bundle written to {path}")
