@@ -5,8 +5,8 @@ and the replica's engine apply).
     .venv/bin/python benchmarks/catalogue_ingest.py [--items 10000] [--base 2000]
 
 Builds a synthetic bundle whose codebooks live in MiniLM's space (`--base` product-like texts
-embedded with the real model; level centroids drawn from them and their residuals; layout
-64 x 64 x 64 + a de-duplication digit of --dedup codes), serves it from one replica against Redis db 15 (a fresh
+embedded with the real model, quantized by the pipeline's RQ-KMeans; layout 64 x 64 x 64 + a
+de-duplication digit of --dedup codes), serves it from one replica against Redis db 15 (a fresh
 namespace, dropped at the end), writes `--items` new items to NDJSON and ingests them with the
 CLI's own `ingest`. Prints a table, then one JSON line; `extrapolated_100k_s` scales the measured
 rates to 100k items (linear: the store's claim is O(1) per item; an engine whose insert cost
@@ -44,22 +44,18 @@ def product_text(rng: random.Random) -> str:
             f"Brand: B{rng.randrange(500)}. Price: {rng.randrange(3, 90)}.99")
 
 
-def build_bundle(path: Path, n_base: int, seed: int = 0, dedup: int = 512) -> Path:
+def build_bundle(path: Path, n_base: int, seed: int = 0, dedup: int = 1024) -> Path:
     from sidrec.model.bundle import save_bundle
     from sidrec.model.config import ModelConfig, SIDLayout
-    from sidrec.model.sid_assign import add_dedup_digit, quantize
+    from sidrec.model.sid_assign import add_dedup_digit
     from sidrec.model.text_embed import TextEmbedder
     from sidrec.model.transformer import SIDTransformer
+    from sidrec.training.quantize import rq_kmeans
 
     rng = random.Random(seed)
     X = TextEmbedder().embed([product_text(rng) for _ in range(n_base)])
-    g = np.random.default_rng(seed)
-    c0 = X[g.choice(len(X), 64, replace=False)]
-    R1 = X - c0[((X[:, None] - c0[None]) ** 2).sum(-1).argmin(1)]
-    c1 = R1[g.choice(len(X), 64, replace=False)]
-    c2 = c1[g.permutation(64)] * 0.3
-    books = [c0, c1, c2]
-    codes, _ = quantize(X, books)
+    rq = rq_kmeans(X, 3, 64, balanced=False, seed=seed)  # the pipeline's quantizer, fit on the base texts
+    books, codes = [np.asarray(b, np.float32) for b in rq.codebooks], rq.codes
     sid_map, card = add_dedup_digit(codes)
     cfg = ModelConfig(SIDLayout((64, 64, 64, max(dedup, card))), d_model=32, n_heads=2, d_head=16, d_ff=64,
                       n_enc_layers=1, n_dec_layers=1)
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--base", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--dedup", type=int, default=512,
+    ap.add_argument("--dedup", type=int, default=1024,
                     help="de-duplication codes per prefix (synthetic texts crowd some prefixes: at 32, 100k "
                          "items ran out after 3,456, which the service refuses with 409 sid_space_full)")
     args = ap.parse_args(argv)

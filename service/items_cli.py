@@ -6,11 +6,14 @@ SIDs are claimed atomically as for any other write), with a tqdm progress bar. C
 `text`, and `attributes` (an object in NDJSON, a JSON string in CSV/Parquet); in CSV/Parquet any
 other column is an attribute too (values split on `|`). At the end it prints items/s and the
 server's own split of the time into embedding (+ quantizing) and insertion (the atomic store
-write and the local engine apply), then one JSON line.
+write and the local engine apply), then one JSON line. A busy or restarting service (429, 502-504,
+no connection) is retried with its Retry-After; a batch it refuses (409 sid_space_full, 422) is
+reported and the load goes on with the next one, since each write is all or nothing.
 
 Why through HTTP and not straight into Redis: the service owns the embedding model, the claim
 script and the bounds; a second writer path would have to duplicate all three. Exit codes: 0 ok,
-2 bad input, 3 the service refused or is unreachable.
+1 some batches were refused (listed), 2 bad input, 3 the token was refused or the service is
+unreachable.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 def _attrs_from_row(row: dict[str, Any]) -> dict[str, list[str]] | None:
@@ -77,34 +80,80 @@ def read_items(path: str | Path) -> Iterator[dict[str, Any]]:
         raise ValueError(f"{path}: unknown format {suffix!r}; use .csv, .tsv, .jsonl/.ndjson or .parquet")
 
 
-def ingest(path: str, url: str, token: str, batch: int = 1000, progress: bool = True) -> dict[str, Any]:
+RETRY_STATUSES = (429, 502, 503, 504)  # the service is busy or restarting: the same batch may pass later
+
+
+def _post(client: Any, chunk: list[dict], retries: int, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """POST one batch; a busy or restarting service (429/5xx with Retry-After, or no connection)
+    is retried up to `retries` times, waiting what it asks (capped at 30 s). Returns the response,
+    or raises the last connection error."""
+    import httpx
+
+    for attempt in range(retries + 1):
+        try:
+            r = client.post("/v1/items", json={"items": chunk})
+        except httpx.TransportError:
+            if attempt == retries:
+                raise
+            sleep(min(2.0 ** attempt, 30.0))
+            continue
+        if r.status_code not in RETRY_STATUSES or attempt == retries:
+            return r
+        try:
+            wait = float(r.headers.get("retry-after", 2.0 ** attempt))
+        except ValueError:
+            wait = 2.0 ** attempt
+        sleep(min(max(wait, 0.1), 30.0))
+    raise AssertionError("unreachable")
+
+
+def _refusal(r: Any) -> dict[str, Any]:
+    try:
+        err = r.json().get("error", {})
+    except ValueError:
+        err = {}
+    return {"status": r.status_code, "code": err.get("code"), "message": (err.get("message") or r.text)[:300]}
+
+
+def ingest(path: str, url: str, token: str, batch: int = 1000, progress: bool = True,
+           retries: int = 5, transport: Any = None) -> dict[str, Any]:
+    """Write the file's items in batches. A batch the service refuses (say 409 sid_space_full: the
+    write is all or nothing) is recorded and the load goes on with the next one; the report counts
+    items written and lists the refused batches. Timings come from the service's own split."""
     import httpx
     from tqdm import tqdm
 
     items = list(read_items(path))
     totals = {"read": 0.0, "embed": 0.0, "store": 0.0, "apply": 0.0}
-    embedded, version, t0 = 0, None, time.perf_counter()
+    embedded, written, version, t0 = 0, 0, None, time.perf_counter()
+    refused: list[dict[str, Any]] = []
     headers = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=300.0) as client, \
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=300.0, transport=transport) as client, \
             tqdm(total=len(items), unit="item", disable=not progress, desc="items") as bar:
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
-            r = client.post("/v1/items", json={"items": chunk})
+            r = _post(client, chunk, retries)
+            bar.update(len(chunk))
+            if r.status_code in (401, 403):  # no later batch can pass either
+                raise RuntimeError(f"items {start}..: HTTP {r.status_code}: {_refusal(r)['message']}")
             if r.status_code != 200:
-                raise RuntimeError(f"items {start}..{start + len(chunk) - 1}: HTTP {r.status_code}: {r.text[:500]}")
+                refused.append({"items": f"{start}..{start + len(chunk) - 1}", **_refusal(r)})
+                bar.set_postfix(refused_batches=len(refused))
+                continue
             body = r.json()
             for k in totals:
                 totals[k] += body["timings_ms"].get(k, 0.0) / 1e3
             embedded += body["embedded"]
+            written += len(chunk)
             version = body["catalogue_version"]
-            bar.update(len(chunk))
     wall = time.perf_counter() - t0
-    n = len(items)
     insert_s = totals["store"] + totals["apply"]
-    return {"items": n, "embedded": embedded, "wall_s": round(wall, 3), "items_per_s": round(n / wall, 1),
+    return {"items": len(items), "written": written, "refused_items": len(items) - written,
+            "refused_batches": refused[:20], "embedded": embedded, "wall_s": round(wall, 3),
+            "items_per_s": round(written / wall, 1),
             "embed_s": round(totals["embed"], 3),
             "embed_items_per_s": round(embedded / totals["embed"], 1) if totals["embed"] else None,
-            "insert_s": round(insert_s, 3), "insert_items_per_s": round(n / insert_s, 1) if insert_s else None,
+            "insert_s": round(insert_s, 3), "insert_items_per_s": round(written / insert_s, 1) if insert_s else None,
             "catalogue_version": version}
 
 
@@ -134,10 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # HTTP refusals, connection errors
         print(f"sidrec items: {type(e).__name__}: {e}", file=sys.stderr)
         return 3
-    print(f"{rep['items']} items in {rep['wall_s']} s ({rep['items_per_s']} items/s); embedding "
-          f"{rep['embed_s']} s ({rep['embed_items_per_s']} items/s), insertion {rep['insert_s']} s "
+    print(f"{rep['written']} of {rep['items']} items written in {rep['wall_s']} s ({rep['items_per_s']} items/s); "
+          f"embedding {rep['embed_s']} s ({rep['embed_items_per_s']} items/s), insertion {rep['insert_s']} s "
           f"({rep['insert_items_per_s']} items/s)")
+    for b in rep["refused_batches"]:
+        print(f"sidrec items: refused {b['items']}: HTTP {b['status']} {b['code']}: {b['message']}", file=sys.stderr)
     print(json.dumps(rep))
+    if rep["refused_items"]:
+        return 1
     return 0
 
 

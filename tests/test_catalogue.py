@@ -326,3 +326,32 @@ def test_a_server_without_the_text_encoder_answers_503_and_keeps_attribute_updat
     assert new.status_code == 503 and new.json()["error"]["code"] == "embedding_unavailable"
     assert "sentence-transformers" in new.json()["error"]["message"]
     assert attrs.status_code == 200, attrs.text
+
+
+def test_bulk_ingest_retries_a_busy_service_and_goes_on_past_a_refused_batch(tmp_path):
+    import json
+
+    import httpx
+
+    from sidrec.service.items_cli import ingest
+
+    f = tmp_path / "items.jsonl"
+    f.write_text("".join(json.dumps({"item_id": f"n{i}", "text": f"item {i}"}) + "\n" for i in range(5)))
+    calls: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ids = [it["item_id"] for it in json.loads(request.content)["items"]]
+        calls.append(ids)
+        if len(calls) == 1:  # busy once: retried after its Retry-After
+            return httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {"code": "queue_full",
+                                                                                    "message": "busy"}})
+        if "n2" in ids:  # all or nothing: this batch is refused, the next still goes
+            return httpx.Response(409, json={"error": {"code": "sid_space_full", "message": "item n2: full"}})
+        return httpx.Response(200, json={"catalogue_version": len(calls), "embedded": len(ids),
+                                         "timings_ms": {"embed": 10.0, "store": 1.0, "apply": 1.0}})
+
+    rep = ingest(str(f), "http://svc", "t", batch=2, progress=False, transport=httpx.MockTransport(handler))
+    assert calls == [["n0", "n1"], ["n0", "n1"], ["n2", "n3"], ["n4"]]
+    assert rep["written"] == 3 and rep["refused_items"] == 2 and rep["embedded"] == 3
+    assert rep["refused_batches"] == [{"items": "2..3", "status": 409, "code": "sid_space_full",
+                                       "message": "item n2: full"}]
