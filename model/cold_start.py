@@ -21,16 +21,20 @@ beam, the kernels or the trie changes:
   quantizer to have placed the item beside its kin.
 
 Chosen by measurement: benchmarks/cold_start.py on Amazon Beauty (a seeded 5% of the items,
-605, held out of training and added at run time from their text; knobs tuned on validation
-users, keeping warm validation R@10 >= 97% of the blend-off value; test scored once; 1,059 cold
-and 6,000 warm test users; record in benchmarks/README.md). Cold-user test R@10 / N@10: dense
-0.0482 / 0.0208, prefix 0.0076 / 0.0029, blend off 0.0009, frozen catalogue 0; warm R@10 with
-dense 0.0267 against 0.0265 for the frozen catalogue. "prefix" loses because only 54% of the
-cold items share a parent prefix with any warm item, and where they do, the beam rarely reaches
-it for the users who want them; "dense" reads the item's own content. Default: dense, with the
-knobs validation chose (weight 20, bias -4, decay 0.6, absolute). What this is not: the SID assignment of new items (their text, codebooks,
-de-duplication codes: service/ and training/new_items.py) or the masks (model/request_masks.py);
-it reads the request's masks and the catalogue snapshot and never returns an item they forbid.
+605, held out of training and of the codebooks and added at run time from their text; knobs
+tuned on validation users, keeping warm validation R@10 >= 97% of the blend-off value; test
+scored once; 1,059 cold and 6,000 warm test users; record in benchmarks/README.md). With a model
+trained for 45 minutes (11 epochs), cold-user test R@10 / N@10: dense on text embeddings
+0.0680 / 0.0490, dense on SID reconstructions 0.0293 / 0.0179, prefix 0.0170 / 0.0089, blend
+off 0; warm R@10 with dense on embeddings 0.965x the frozen catalogue's. "prefix" loses because
+only 54% of the cold items share a parent prefix with any warm item, and where they do, the beam
+rarely reaches it; "dense" reads the item's own content, and its text embedding more sharply
+than its three codes. Default: dense, with the knobs validation chose (weight 20, bias 0, decay
+0.4, absolute).
+
+What this is not: the SID assignment of new items (their text, codebooks, de-duplication codes:
+service/ and training/new_items.py) or the masks (model/request_masks.py); it reads the
+request's masks and the catalogue snapshot and never returns an item they forbid.
 """
 from __future__ import annotations
 
@@ -56,8 +60,8 @@ class ColdStartOptions:
 
     mode: str = "dense"  # 'off' | 'dense' | 'prefix'
     weight: float = 20.0  # dense: log-prob units per unit of cosine
-    bias: float = -4.0  # dense: the score of a cold item at cosine 1; prefix: the log prior
-    decay: float = 0.6  # dense: history weight of the i-th most recent item is decay**i
+    bias: float = 0.0  # dense: the score of a cold item at cosine 1; prefix: the log prior
+    decay: float = 0.4  # dense: history weight of the i-th most recent item is decay**i
     # dense: add the request's best beam score to the cold scores, so that the bias is measured
     # from what the model is sure of for this history rather than in absolute log-prob
     relative: bool = False
