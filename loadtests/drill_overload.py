@@ -15,6 +15,8 @@ Reported: 429s and how many carried Retry-After, any 5xx, the p99 of accepted li
 against the baseline (target: within 2x) with the mean batch size of each phase, heavy requests
 admitted and their latency, peak RSS of server and engine (psutil, every 0.2 s), and whether the
 server stayed up. Writes --out (default runs/drill_overload.json), prints one JSON line last.
+The clients speak raw keep-alive HTTP/1.1 (`RawConnection`) unless --client httpx: on a 2-core
+machine shared with the server, the driver's own per-request CPU is part of what clients see.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from drill_common import (ROOT, Server, build_bundle, histogram_quantile, metric_values, percentile,  # noqa: E402
@@ -47,8 +50,45 @@ def heavy_body(rnd: random.Random, n_items: int) -> dict:
                           "top_n": MAX_TOP_N, "beam_width": MAX_BEAM} for _ in range(MAX_USERS)]}
 
 
-async def client(c: httpx.AsyncClient, kind: str, a: argparse.Namespace, stop: asyncio.Event, log: list,
-                 seed: int) -> None:
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection that spends as little client CPU per request as it can:
+    the drill's 64 clients share the 2 cores with the server, and httpx's per-request work (about
+    a millisecond) queued requests in the driver's own event loop, so the latency the clients saw
+    was mostly the driver's. Requests are bytes, responses are read by Content-Length."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        try:
+            self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+            await self.writer.drain()
+            status = int((await self.reader.readline()).split()[1])
+            headers = {}
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                k, _, v = line.decode("latin-1").partition(":")
+                headers[k.strip().lower()] = v.strip()
+            data = await self.reader.readexactly(int(headers.get("content-length", 0)))
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def client(c: Any, kind: str, a: argparse.Namespace, stop: asyncio.Event, log: list, seed: int) -> None:
     rnd = random.Random(seed)
     path = "/v1/recommend" if kind == "light" else "/v1/recommend/batch"
     heavy = json.dumps(heavy_body(rnd, a.items)).encode() if kind == "heavy" else b""  # ~0.4 MB, built once
@@ -57,10 +97,15 @@ async def client(c: httpx.AsyncClient, kind: str, a: argparse.Namespace, stop: a
         body = json.dumps(light_body(rnd, a.items, a.beam_width)).encode() if kind == "light" else heavy
         t0 = time.monotonic()
         try:
-            r = await c.post(path, content=body, headers=headers)
-            status, retry = r.status_code, r.headers.get("retry-after")
-            code = None if status == 200 else r.json().get("error", {}).get("code")
-        except httpx.HTTPError as e:
+            if isinstance(c, RawConnection):
+                status, hdrs, data = await c.post(path, body)
+                retry = hdrs.get("retry-after")
+                code = None if status == 200 else json.loads(data).get("error", {}).get("code")
+            else:
+                r = await c.post(path, content=body, headers=headers)
+                status, retry = r.status_code, r.headers.get("retry-after")
+                code = None if status == 200 else r.json().get("error", {}).get("code")
+        except (httpx.HTTPError, OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
             status, code, retry = 0, type(e).__name__, None
         log.append((kind, t0, time.monotonic(), status, code, retry))
         if status != 200:  # a polite client waits about Retry-After (jittered); an impatient one 0.1 s
@@ -71,6 +116,17 @@ async def phase(url: str, a: argparse.Namespace, n_light: int, n_heavy: int, sec
     stop, log = asyncio.Event(), []
     # One client, one connection per task: 64 AsyncClients would each build an SSL context
     # (~50 ms of CPU apiece), stalling this process for seconds as the phase starts.
+    if a.client == "raw":
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        conns = [RawConnection(host, int(port)) for _ in range(n_light + n_heavy)]
+        tasks = [asyncio.ensure_future(client(conns[s], "light", a, stop, log, s)) for s in range(n_light)]
+        tasks += [asyncio.ensure_future(client(conns[n_light + s], "heavy", a, stop, log, 1000 + s))
+                  for s in range(n_heavy)]
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in conns))
+        return log
     limits = httpx.Limits(max_connections=n_light + n_heavy, max_keepalive_connections=n_light + n_heavy)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
         tasks = [asyncio.ensure_future(client(c, "light", a, stop, log, s)) for s in range(n_light)]
@@ -122,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-s", type=float, default=15.0)
     ap.add_argument("--load-s", type=float, default=40.0)
     ap.add_argument("--impatient", action="store_true", help="re-send 0.1 s after a 429 instead of ~Retry-After")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="raw: keep-alive HTTP/1.1 over asyncio streams, the least driver CPU (default); httpx")
     ap.add_argument("--ramp-s", type=float, default=5.0, help="left out of p99_steady_ms at each phase's start")
     ap.add_argument("--out", default=str(ROOT / "runs" / "drill_overload.json"))
     a = ap.parse_args(argv)
@@ -153,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               if light["p99_steady_ms"] and b["p99_steady_ms"] else None)
     report = {
         "drill": "overload", "max_batch_size": a.batch, "max_queue_size": a.queue, "admits": admits,
-        "clients": n_clients, "heavy_clients": a.heavy, "impatient": a.impatient,
+        "clients": n_clients, "heavy_clients": a.heavy, "impatient": a.impatient, "client": a.client,
         "heaviest_request": {"users": MAX_USERS, "beam_width": MAX_BEAM, "top_n": MAX_TOP_N, "history": MAX_HISTORY},
         "baseline": {**b, **server_side(m0, m1)},
         "overload_light": {**light, **server_side(m1, m2)},
