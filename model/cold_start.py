@@ -94,7 +94,7 @@ class ColdStart:
         if len(self.codebooks) > num_levels:
             raise ValueError(f"{len(self.codebooks)} codebooks for SIDs of {num_levels} codes")
         self.dim = int(self.codebooks[0].shape[1]) if self.codebooks else None
-        # Text embeddings by internal index, float16, where known (`_known`); grown by doubling.
+        # Text embeddings by internal index, float16, where known (`_known`); grown by a quarter.
         self._emb = torch.zeros(0, self.dim or 0, dtype=torch.float16)
         self._known = torch.zeros(0, dtype=torch.bool)
         self._cold: set[int] = set()
@@ -129,7 +129,7 @@ class ColdStart:
                 if embeddings is None:
                     idx = idx[idx < self._known.numel()]
                 else:
-                    cap = max(need, 2 * self._known.numel())
+                    cap = max(need, self._known.numel() * 5 // 4 + 1024)  # 1.25x: the base may be large
                     emb = torch.zeros(cap, self.dim, dtype=torch.float16)
                     known = torch.zeros(cap, dtype=torch.bool)
                     emb[: self._known.numel()] = self._emb
