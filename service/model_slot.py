@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from sidrec.model.bundle import BundleError
 from sidrec.model.cold_start import ColdStartOptions
@@ -227,10 +227,12 @@ class ModelSlot:
     def _codebooks(self, engine: RecommendEngine) -> list[np.ndarray]:
         """The bundle's quantizer codebooks in level order ([] when it has none)."""
         books = getattr(engine.bundle, "codebooks", None) or {}
-        if not books:  # the engine process's BundleInfo does not carry them: read the file
+        if not books:  # the engine process's BundleInfo does not carry them: read them from the file
             f = Path(self.bundle_path) / "codebooks.safetensors"
-            books = load_file(str(f)) if f.is_file() else {}
-        return codebooks_of({k: np.asarray(v) for k, v in books.items() if k != "empty"})
+            if f.is_file():  # the centroids only, not the items' embeddings beside them
+                with safe_open(str(f), framework="pt") as sf:
+                    books = {k: sf.get_tensor(k) for k in sf.keys() if k.startswith("codebook_")}
+        return codebooks_of({k: np.asarray(v) for k, v in books.items() if k.startswith("codebook_")})
 
     def _autoload(self, engine: RecommendEngine) -> None:
         import redis
