@@ -230,7 +230,7 @@ class ModelSlot:
         if not books:  # the engine process's BundleInfo does not carry them: read them from the file
             f = Path(self.bundle_path) / "codebooks.safetensors"
             if f.is_file():  # the centroids only, not the items' embeddings beside them
-                with safe_open(str(f), framework="pt") as sf:
+                with safe_open(str(f), framework="numpy") as sf:
                     books = {k: sf.get_tensor(k) for k in sf.keys() if k.startswith("codebook_")}
         return codebooks_of({k: np.asarray(v) for k, v in books.items() if k.startswith("codebook_")})
 
