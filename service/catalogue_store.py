@@ -341,14 +341,15 @@ class RedisCatalogueStore(CatalogueStore):
     backend = "redis"
 
     def __init__(self, client, namespace: str, version: str, codec: SidCodec, max_log: int = 100_000,
-                 follow_client=None) -> None:
+                 follow_client=None, write_client=None) -> None:
         self.client = client  # redis.asyncio.Redis, decode_responses=True
         self.follow_client = follow_client or client  # a blocking XREAD needs a longer socket timeout
+        self.write_client = write_client or client  # so does a 1,000-item write under load
         self.keys = catalogue_keys(namespace, version)
         self.bucket_prefix = f"{namespace}:{version}:sid:"
         self.codec = codec
         self.max_log = max_log
-        self._write = client.register_script(_WRITE_LUA)
+        self._write = self.write_client.register_script(_WRITE_LUA)
         self._snap = client.register_script(_SNAPSHOT_LUA)
 
     def _cand(self, p: int) -> dict[str, str]:
@@ -411,5 +412,5 @@ class RedisCatalogueStore(CatalogueStore):
         return out
 
     async def close(self) -> None:
-        if self.follow_client is not self.client:
-            await self.follow_client.aclose()
+        for extra in {id(c): c for c in (self.follow_client, self.write_client) if c is not self.client}.values():
+            await extra.aclose()

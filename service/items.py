@@ -19,6 +19,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidrec.model.sid_assign import SidSpaceFull, candidate_sids, quantize
 from sidrec.model.text_embed import MissingEmbedExtra, TextEmbedder
@@ -189,6 +190,11 @@ class ItemCatalogue:
             return await coro
         except (SidSpaceFull, APIError):
             raise
+        except (TimeoutError, asyncio.TimeoutError, RedisTimeoutError):
+            log.exception("catalogue store call timed out")
+            raise APIError(503, "catalogue_unavailable", "the catalogue store did not answer in time; the write "
+                           "may or may not have been applied: retry it (a repeated write changes nothing more)",
+                           headers={"Retry-After": "1"}) from None
         except Exception:
             log.exception("catalogue store call failed")
             raise APIError(503, "catalogue_unavailable", "the catalogue store is unreachable; nothing was "

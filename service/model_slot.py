@@ -199,8 +199,10 @@ class ModelSlot:
             assert index.codec is not None
             follow = aioredis.Redis.from_url(s.redis_url, socket_timeout=s.catalogue_block_s + s.redis_timeout_s,
                                              socket_connect_timeout=s.redis_timeout_s, decode_responses=True)
+            write = aioredis.Redis.from_url(s.redis_url, socket_timeout=s.catalogue_write_timeout_s,
+                                            socket_connect_timeout=s.redis_timeout_s, decode_responses=True)
             self.store = RedisCatalogueStore(index.client, s.redis_namespace, engine.version, index.codec,
-                                             s.catalogue_log_maxlen, follow_client=follow)
+                                             s.catalogue_log_maxlen, follow_client=follow, write_client=write)
         else:
             assert isinstance(index, InProcessIndex)
             store = InProcessCatalogueStore(index.base, s.catalogue_log_maxlen)

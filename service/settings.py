@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # Change-log entries Redis keeps (XADD MAXLEN ~): a replica further behind resyncs from a snapshot.
     catalogue_log_maxlen: int = Field(default=100_000, ge=10)
     catalogue_block_s: float = Field(default=1.0, gt=0.0, le=10.0)  # XREAD BLOCK per follower read
+    # Socket timeout of catalogue writes: one call claims up to 1,000 items and logs their records
+    # (~1.4 MB with embeddings); under a saturated CPU that outlasted redis_timeout_s (2 s).
+    catalogue_write_timeout_s: float = Field(default=15.0, gt=0.0, le=120.0)
     # How long a write waits for this replica's own engine to apply it (read-your-writes).
     catalogue_apply_wait_s: float = Field(default=1.0, ge=0.0)
 
