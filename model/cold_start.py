@@ -100,6 +100,7 @@ class ColdStart:
         self._cold: set[int] = set()
         self._version = 0  # bumped by every mark and embedding change
         self._rec: tuple[tuple, Tensor] | None = None  # the cold candidates' vectors, reused
+        self._sorted: tuple[int, Tensor] | None = None  # (version, the cold items sorted), reused
         self._lock = threading.Lock()
         if item_embeddings is not None and item_embeddings.numel() and self.dim is not None:
             if item_embeddings.dim() != 2 or item_embeddings.shape[1] != self.dim:
@@ -164,9 +165,20 @@ class ColdStart:
     def is_cold(self, item: int) -> bool:
         return item in self._cold
 
-    def cold_items(self) -> list[int]:
+    @property
+    def has_cold(self) -> bool:
+        return bool(self._cold)
+
+    def cold_tensor(self) -> Tensor:
+        """The cold items, sorted, int64: rebuilt only after a change, not on every request."""
         with self._lock:
-            return sorted(self._cold)
+            got = self._sorted
+            if got is None or got[0] != self._version:
+                got = self._sorted = (self._version, torch.tensor(sorted(self._cold), dtype=torch.int64))
+            return got[1]
+
+    def cold_items(self) -> list[int]:
+        return self.cold_tensor().tolist()
 
     # ---- candidates -----------------------------------------------------------------------------
     def candidates(self, snap: TrieSnapshot, attributes: AttributeIndex, batch: int,
@@ -174,7 +186,8 @@ class ColdStart:
                    filters: Sequence[Mapping[str, list[str]] | None] | None) -> tuple[Tensor, Tensor]:
         """The cold items the snapshot serves, and (B, M) bool: which each request may receive
         (not deleted or retired in the snapshot, not excluded, passing the request's filter)."""
-        items = torch.tensor([i for i in self.cold_items() if i < snap.n_items], dtype=torch.int64)  # (M,)
+        items = self.cold_tensor()
+        items = items[items < snap.n_items]  # (M,): the ones this snapshot serves
         ok = torch.ones(batch, items.numel(), dtype=torch.bool)
         if items.numel() == 0:
             return items, ok
@@ -195,7 +208,9 @@ class ColdStart:
         """(B, M) calibrated scores of the cold `items` for each history (-inf for an empty one)."""
         B, M = len(histories), items.numel()
         sids = sid_map.to("cpu", torch.int64)
-        key = (self._version, items.numel(), int(items.sum()), int(sids[:, items].sum()))
+        # Every change to the cold set, their SIDs (add_items marks moved items) or their
+        # embeddings bumps the version; within one, snapshots differ only in how many they serve.
+        key = (self._version, items.numel())
         got = self._rec
         if got is not None and got[0] == key:
             cand = got[1]

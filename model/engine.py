@@ -265,7 +265,7 @@ class RecommendEngine(CatalogueIds):
         src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
         masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
         opts = self.options.cold_start
-        mode = opts.mode if self.cold.cold_items() else "off"
+        mode = opts.mode if self.cold.has_cold else "off"
         n_beam = min(widths) if mode == "prefix" else top_n  # prefix mode reads every returned beam
         with self._lock, torch.inference_mode(), self._autocast():
             res = beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
