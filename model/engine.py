@@ -180,9 +180,9 @@ class RecommendEngine(CatalogueIds):
         Returns the trie generation that serves the items; wait=True returns once recommend()
         sees them (TimeoutError after `timeout` seconds). cold: the items have no interactions yet
         (the default for items added at run time; base items are warm): the cold-start blend
-        scores them (EngineOptions.cold_start); cold=False marks them warm. embeddings: (n, D)
-        text embeddings of the items in the codebooks' space, which the dense blend compares;
-        None: their SID reconstructions stand in.
+        scores them (EngineOptions.cold_start); cold=False marks them warm. embeddings: per item
+        a text embedding (D values in the codebooks' space, which the dense blend compares) or
+        None, for which the item's SID reconstruction stands in; an (n, D) array does for all.
         """
         item_ids = [str(x) for x in item_ids]
         checked = None
@@ -190,13 +190,20 @@ class RecommendEngine(CatalogueIds):
             if len(attributes) != len(item_ids):
                 raise ValueError(f"got {len(attributes)} attribute dicts for {len(item_ids)} items")
             checked = [None if a is None else check_attributes(a, f"item {i!r}") for i, a in zip(item_ids, attributes)]
-        if embeddings is not None and self.cold.dim is not None:
-            embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
-            if tuple(embeddings.shape) != (len(item_ids), self.cold.dim):
-                raise ValueError(f"embeddings must be ({len(item_ids)}, {self.cold.dim}), got {tuple(embeddings.shape)}")
+        rows = [None] * len(item_ids) if embeddings is None or self.cold.dim is None else list(embeddings)
+        if len(rows) != len(item_ids):
+            raise ValueError(f"got {len(rows)} embeddings for {len(item_ids)} items")
+        for iid, r in zip(item_ids, rows):
+            if r is not None and np.shape(r) != (self.cold.dim,):
+                raise ValueError(f"embeddings must be ({len(item_ids)}, {self.cold.dim}), a row None where unknown: "
+                                 f"item {iid!r} has shape {np.shape(r)}")
         gen, idx = self.catalogue.put(item_ids, sids)
         self.cold.mark(idx, cold)
-        self.cold.set_embeddings(idx, embeddings if self.cold.dim is not None else None)
+        known = [k for k, r in enumerate(rows) if r is not None]
+        if known:
+            self.cold.set_embeddings([idx[k] for k in known], np.stack([np.asarray(rows[k], np.float32) for k in known]))
+        if len(known) < len(rows):
+            self.cold.set_embeddings([idx[k] for k, r in enumerate(rows) if r is None], None)
         if checked is not None:
             for i, a in zip(idx, checked):
                 if a is not None:  # None: leave the item's attributes as they are

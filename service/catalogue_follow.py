@@ -20,7 +20,6 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-import numpy as np
 import torch
 
 from sidrec.service.catalogue_store import CatalogueStore, ItemState, decode_embedding
@@ -29,15 +28,6 @@ from sidrec.service.index import SidCodec
 log = logging.getLogger("sidrec.catalogue")
 
 Add = tuple[str, int, "dict | None", "str | None"]  # item id, packed SID, attributes, encoded embedding
-
-
-def embeddings_of(encoded: Sequence[str | None]) -> np.ndarray | None:
-    """(n, D) float32 from encoded embeddings, or None unless every one decodes to the same size
-    (the engine then uses the items' SID reconstructions)."""
-    rows = [decode_embedding(e) for e in encoded]
-    if not rows or any(r is None for r in rows) or len({r.shape for r in rows}) != 1:
-        return None
-    return np.stack(rows)
 
 
 class CatalogueFollower:
@@ -120,12 +110,11 @@ class CatalogueFollower:
     def reapply(self, engine: Any) -> None:
         """Put everything this replica mirrored into a fresh engine (say a restarted engine process,
         before it takes traffic): synchronous, on the caller's thread, waits for the trie."""
-        for ids in ([i for i in self.sids if i in self.emb], [i for i in self.sids if i not in self.emb]):
-            if not ids:
-                continue
+        if self.sids:
+            ids = list(self.sids)
             sids = torch.tensor([self.codec.unpack(self.sids[i]) for i in ids], dtype=torch.int64).t()
             engine.add_items(ids, sids.contiguous(), attributes=[self.attrs.get(i) for i in ids], wait=True,
-                             embeddings=embeddings_of([self.emb.get(i) for i in ids]))
+                             embeddings=[decode_embedding(self.emb.get(i)) for i in ids])
         rest = [i for i in self.attrs if i not in self.sids]
         if rest:
             engine.set_attributes(rest, [self.attrs[i] for i in rest])
@@ -236,16 +225,12 @@ class CatalogueFollower:
         def one(batch: list[Add]) -> None:
             sids = torch.tensor([self.codec.unpack(a[1]) for a in batch], dtype=torch.int64).t()  # (L, n)
             gen = self.engine.add_items([a[0] for a in batch], sids.contiguous(), attributes=[a[2] for a in batch],
-                                        wait=False, embeddings=embeddings_of([a[3] for a in batch]))
+                                        wait=False, embeddings=[decode_embedding(a[3]) for a in batch])
             if isinstance(gen, int):
                 gens.append(gen)
 
-        with_emb = [a for a in adds if embeddings_of([a[3]]) is not None]
-        without = [a for a in adds if embeddings_of([a[3]]) is None]
         try:
-            for part in (with_emb, without):
-                if part:
-                    one(part)
+            one(adds)
         except ValueError:
             for a in adds:
                 try:
