@@ -16,8 +16,9 @@ grouped separately. With batching off each job runs alone, still through the sam
 
 Admission counts work, not jobs: each job weighs the beams (or scored candidates) of its users,
 with a floor per user (`service.jobs`). The queue admits a job while the work waiting stays
-within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier than the whole budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted
-only into an empty queue, and only while no other such job is in progress.
+within `max_queue_work` (and the jobs within `max_queue_size`); a job heavier than the whole
+budget (64 users at beam 1,024 = 65,536 against the default 25,600) is admitted only into an
+empty queue, and only while no other such job is in progress.
 
 Two lanes share the engine. Each round (one trip of the worker thread) runs at most
 `max_group_work` units. A job that fits in one round is foreground: it runs in the next round,

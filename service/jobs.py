@@ -80,9 +80,14 @@ class Job:
         return sum(self.weights[self.cursor:])
 
 
+def user_work(beams: int) -> int:
+    """One user's weight for `beams` beams (or scored candidates): at least MIN_USER_WORK."""
+    return max(beams, MIN_USER_WORK)
+
+
 def entry_work(kind: str, entry: Any) -> int:
     """One user's weight (module docstring: beams or candidates, at least MIN_USER_WORK)."""
-    return max(entry.beam_width if kind == "recommend" else len(entry.candidates), MIN_USER_WORK)
+    return user_work(entry.beam_width if kind == "recommend" else len(entry.candidates))
 
 
 def job_work(kind: str, entries: Sequence[Any]) -> int:

@@ -16,8 +16,8 @@ from typing import Any
 
 from sidrec.model.engine import RecommendEngine
 from sidrec.service import schemas as S
-from sidrec.service.jobs import (MIN_USER_WORK, BatcherClosed, DeadlineExceeded, QueueFull, RecommendEntry,
-                                 RecommendOutput, ScoreEntry)
+from sidrec.service.jobs import (BatcherClosed, DeadlineExceeded, QueueFull, RecommendEntry, RecommendOutput,
+                                 ScoreEntry, user_work)
 from sidrec.service.engine_proc import EngineUnavailable
 from sidrec.service.errors import APIError
 from sidrec.service.index import RedisInverseIndex
@@ -220,9 +220,8 @@ class ServiceRuntime:
     def _batch_work(self, req: S.BatchRecommendRequest) -> int:
         """The batch's weight in the admission budget, from its beams alone (as `resolve_recommend`
         picks them, capped at the limit; an entry over it fails validation later and runs nothing)."""
-        s = self.settings
-        return sum(max(min(r.beam_width or max(s.default_beam_width, r.top_n or s.default_top_n), s.max_beam_width),
-                       MIN_USER_WORK) for r in req.requests)
+        cap = self.settings.max_beam_width
+        return sum(user_work(min(S.requested_size(r, self.settings)[1], cap)) for r in req.requests)
 
     async def score(self, req: S.ScoreRequest) -> S.ScoreResponse:
         with self.take_slot().use() as slot:

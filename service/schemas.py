@@ -264,10 +264,15 @@ def _check_ids(field: str, ids: list[str], cap: int, settings: Settings) -> None
             raise _invalid(f"{field}.{i}", f"item ids are at most {settings.max_item_id_len} characters, got {len(x)}")
 
 
+def requested_size(req: RecommendRequest, settings: Settings) -> tuple[int, int]:
+    """(top_n, beam_width) as asked, defaults filled in, not yet checked against the limits."""
+    top_n = req.top_n or settings.default_top_n
+    return top_n, req.beam_width or max(settings.default_beam_width, top_n)
+
+
 def resolve_recommend(req: RecommendRequest, settings: Settings, prefix: str = "") -> tuple[int, int]:
     """Check `req` against the deployment's limits; return its (top_n, beam_width)."""
-    top_n = req.top_n or settings.default_top_n
-    beam = req.beam_width or max(settings.default_beam_width, top_n)
+    top_n, beam = requested_size(req, settings)
     if top_n > settings.max_top_n:
         raise _invalid(prefix + "top_n", f"must be <= {settings.max_top_n}, got {top_n}")
     if beam > settings.max_beam_width:
