@@ -120,8 +120,19 @@ class EvalConfig:
     # scored once for the chosen recipe. Validation is skipped, with a note, for a model that
     # trained on the validation targets (train.fit_on=train+valid or train.refit_epochs > 0).
     splits: tuple[str, ...] = ("valid", "test")
+    # The hybrid re-rank of the beam's items by text similarity to the history (model.cold_start.
+    # RerankOptions; 0 = the beam's order). Chosen on a select run's validation users
+    # (benchmarks/rerank_tune.py); the exported bundle carries it, and the service applies it.
+    rerank_weight: float = 0.0
+    rerank_decay: float = 0.4
 
     def __post_init__(self) -> None:
+        from sidrec.model.cold_start import RerankOptions
+
+        try:  # the same bounds as the engine's
+            RerankOptions(self.rerank_weight, self.rerank_decay)
+        except ValueError as e:
+            raise ValueError(f"eval.rerank_weight / eval.rerank_decay: {e}") from None
         bad = [s for s in self.splits if s not in ("valid", "test")]
         if bad or not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"eval.splits must be a non-empty list of distinct 'valid' / 'test', "
@@ -149,12 +160,21 @@ class PipelineConfig:
             unknown = set(sub) - set(fields)
             if unknown:
                 raise ValueError(f"unknown {kls.__name__} keys: {sorted(unknown)}")
-            sub = {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+            sub = {k: tuple(v) if isinstance(v, list) else _as_declared(fields[k], v) for k, v in sub.items()}
             for k, v in sub.items():
                 _check_type(kls.__name__, fields[k], v)
             return kls(**sub)
         return cls(build(EmbedConfig, d.get("embed", {})), build(SIDConfig, d.get("sid", {})),
                    build(TrainConfig, d.get("train", {})), build(EvalConfig, d.get("eval", {})))
+
+
+def _as_declared(f: dataclasses.Field, value: Any) -> Any:
+    """An int given for a float field, as a float: `"time_budget_min": 60` and `60.0` are one
+    recipe, and its key (a hash of the JSON) must not tell them apart."""
+    declared = f.type if isinstance(f.type, str) else str(f.type)
+    if isinstance(value, int) and not isinstance(value, bool) and "float" in declared and "int" not in declared:
+        return float(value)
+    return value
 
 
 def _check_type(owner: str, f: dataclasses.Field, value: Any) -> None:
