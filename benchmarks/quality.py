@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
            "train_minutes": main_m.get("train_minutes"), "best_epoch": main_m.get("best_epoch"),
            "epochs_run": main_m.get("epochs_run"), "users": (test or valid or {}).get("users"),
            "device": main_m.get("device"), "arch": cfg.train.arch, "fit_on": main_m.get("fit_on"),
+           "rerank": main_m.get("rerank"),
            "config": main_m["recipe"]["config"], "wall_minutes": round((time.time() - t0) / 60, 1)}
     if test:
         res.update({k: test[k] for k in KEYS})  # the flat keys of earlier JSON lines

@@ -32,6 +32,13 @@ rarely reaches it; "dense" reads the item's own content, and its text embedding 
 than its three codes. Default: dense, with the knobs validation chose (weight 20, bias 0, decay
 0.4, absolute).
 
+The same item vectors also re-rank the beam's own (warm) items (`RerankOptions`, `rerank`):
+`log p(SID) + weight * (cos - 1)` with the history's profile, over every item the beam returned,
+then cut to the request's top N. The generative score decides which items are candidates; the
+text similarity moves the ones that resemble the history up the short list, where the model
+alone spreads its probability over look-alike codes. Its knobs are chosen per trained model on
+validation users (benchmarks/rerank_tune.py) and travel in the bundle's pipeline config.
+
 What this is not: the SID assignment of new items (their text, codebooks, de-duplication codes:
 service/ and training/new_items.py) or the masks (model/request_masks.py); it reads the
 request's masks and the catalogue snapshot and never returns an item they forbid.
@@ -73,6 +80,23 @@ class ColdStartOptions:
             raise ValueError(f"cold-start decay must be in (0, 1], got {self.decay!r}")
         if self.weight < 0:
             raise ValueError(f"cold-start weight must be >= 0, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """The hybrid re-rank of the beam's own items (LIGER's dense + generative scores, applied to
+    warm items too): `score + weight * (cos - 1)`, cos between the item's text embedding and the
+    history's profile (decay as in ColdStartOptions). weight 0 serves the beam's order. A trained
+    bundle carries the weight its run chose on validation (`eval.rerank_weight`)."""
+
+    weight: float = 0.0
+    decay: float = 0.4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"re-rank decay must be in (0, 1], got {self.decay!r}")
+        if not self.weight >= 0:
+            raise ValueError(f"re-rank weight must be >= 0, got {self.weight!r}")
 
 
 def reconstructions(codebooks: Sequence[Tensor], sids: Tensor) -> Tensor:
@@ -217,19 +241,50 @@ class ColdStart:
         else:  # recomputed only after add_items (M x D floats; a gather per request otherwise)
             cand = self.vectors(items, sids)  # (M, D)
             self._rec = (key, cand)
-        prof = torch.zeros(B, cand.shape[1])
+        prof, has = self.profiles(histories, sids, opts.decay, max_history)
+        cos = prof @ cand.T  # (B, M)
+        s = opts.weight * (cos - 1.0) + opts.bias
+        return torch.where(has[:, None], s, torch.full((B, M), float("-inf")))
+
+    def profiles(self, histories: Sequence[Sequence[int]], sids: Tensor, decay: float,
+                 max_history: int) -> tuple[Tensor, Tensor]:
+        """((B, D) unit profiles, (B,) bool: the history had an item). A profile is the mean of the
+        history's item vectors weighted decay**i for the i-th most recent; zero for an empty one."""
+        B = len(histories)
+        prof = torch.zeros(B, self.dim or 0)
         has = torch.zeros(B, dtype=torch.bool)
         for b, h in enumerate(histories):
             h = list(h)[-max_history:] if max_history > 0 else []
             if not h:
                 continue
             rec = self.vectors(torch.as_tensor(h, dtype=torch.int64), sids)  # (T, D)
-            w = opts.decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float32)  # most recent: 1
+            w = decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float32)  # most recent: 1
             prof[b] = (w[:, None] * rec).sum(0)
             has[b] = True
-        cos = torch.nn.functional.normalize(prof, dim=-1) @ cand.T  # (B, M)
-        s = opts.weight * (cos - 1.0) + opts.bias
-        return torch.where(has[:, None], s, torch.full((B, M), float("-inf")))
+        return torch.nn.functional.normalize(prof, dim=-1), has
+
+    # ---- the hybrid re-rank of the beam ---------------------------------------------------------
+    def rerank(self, opts: RerankOptions, res: BeamResult, histories: Sequence[Sequence[int]], sid_map: Tensor,
+               keep: int, max_history: int) -> BeamResult:
+        """The beam's items re-scored `score + weight * (cos - 1)` (cos: the item's vector against
+        the history's profile; an empty history keeps the beam's scores), sorted, best `keep`."""
+        sids = sid_map.to("cpu", torch.int64)
+        items, scores = res.items.cpu(), res.scores.cpu().float()
+        B, N = items.shape
+        n_valid = res.n_valid.cpu()
+        valid = torch.arange(N)[None, :] < n_valid[:, None]
+        vec = self.vectors(items.clamp(min=0).reshape(-1), sids).view(B, N, -1)
+        prof, has = self.profiles(histories, sids, opts.decay, max_history)
+        cos = torch.einsum("bnd,bd->bn", vec, prof)
+        new = scores + torch.where(has[:, None], opts.weight * (cos - 1.0), torch.zeros_like(cos))
+        new = torch.where(valid, new, torch.full_like(new, float("-inf")))
+        # by (-score, beam rank): equal scores keep the beam's order
+        order = torch.argsort(new, dim=1, descending=True, stable=True)[:, :keep]
+        out_items = torch.where(torch.gather(valid, 1, order), torch.gather(items, 1, order), -1)
+        out_sids = torch.gather(res.sids.cpu(), 1, order[:, :, None].expand(-1, -1, res.sids.shape[2]))
+        dev = res.items.device
+        return BeamResult(out_items.to(dev), out_sids.to(dev), torch.gather(new, 1, order).to(dev),
+                          n_valid.clamp(max=keep).to(dev))
 
     @staticmethod
     def prefix_scores(opts: ColdStartOptions, res: BeamResult, sid_map: Tensor, items: Tensor) -> Tensor:

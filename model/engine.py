@@ -25,7 +25,7 @@ from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.attributes import AttributeIndex, check_attributes, check_filter
 from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
 from sidrec.model.bundle import ITEM_EMBEDDINGS, Bundle, load_bundle
-from sidrec.model.cold_start import ColdStart, ColdStartOptions
+from sidrec.model.cold_start import ColdStart, ColdStartOptions, RerankOptions
 from sidrec.model.live_trie import LiveCatalogue
 from sidrec.model.request_masks import FilterMaskCache, batch_masks
 
@@ -78,6 +78,16 @@ class EngineOptions:
     # ranking (model/cold_start.py). mode='off' serves the beam's ranking as it is. The defaults
     # were tuned on Beauty validation users (benchmarks/cold_start.py).
     cold_start: ColdStartOptions = ColdStartOptions()
+    # The hybrid re-rank of the beam's items by text similarity to the history (model/cold_start.
+    # py): its knobs are those the bundle's training run chose on validation (`eval.rerank_*` in
+    # its pipeline config; off where it names none); a weight here overrides the bundle's (0: off).
+    rerank_weight: float | None = None
+
+
+def bundle_rerank(config: Mapping[str, Any]) -> RerankOptions:
+    """The re-rank knobs a bundle's training run chose (its pipeline config's eval section)."""
+    ev = (config.get("pipeline") or {}).get("eval") or {}
+    return RerankOptions(float(ev.get("rerank_weight", 0.0)), float(ev.get("rerank_decay", 0.4)))
 
 
 class CatalogueIds:
@@ -131,6 +141,11 @@ class RecommendEngine(CatalogueIds):
         if self.options.cold_start.mode == "dense" and not self.cold.can_score_dense:
             # no codebooks, no reconstructions (nor SIDs from text): served as before, recorded here
             self.options = replace(self.options, cold_start=replace(self.options.cold_start, mode="off"))
+        self.rerank = bundle_rerank(bundle.config)
+        if self.options.rerank_weight is not None:
+            self.rerank = replace(self.rerank, weight=self.options.rerank_weight)
+        if not self.cold.can_score_dense:  # no item vectors to compare
+            self.rerank = replace(self.rerank, weight=0.0)
         self.filter_masks = FilterMaskCache()  # propagated rows of recent filters (popular ones repeat)
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
@@ -271,12 +286,16 @@ class RecommendEngine(CatalogueIds):
         snap = self.catalogue.snapshot  # one consistent trie + masks for the whole request
         src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
         masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
-        opts = self.options.cold_start
+        opts, rerank = self.options.cold_start, self.rerank
         mode = opts.mode if self.cold.has_cold else "off"
-        n_beam = min(widths) if mode == "prefix" else top_n  # prefix mode reads every returned beam
+        # prefix mode reads every returned beam, and the re-rank re-sorts them all
+        n_beam = max(top_n, min(widths)) if mode == "prefix" or rerank.weight > 0 else top_n
         with self._lock, torch.inference_mode(), self._autocast():
             res = beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
                               n_beam, beam_step=self.beam_step, masks=masks)
+        if rerank.weight > 0:
+            res = self.cold.rerank(rerank, res, histories, self.sid_map, n_beam if mode == "prefix" else top_n,
+                                   self.cfg.max_history)
         if mode == "off":
             return res
         sid_map = self.sid_map

@@ -61,7 +61,9 @@ class RecommendRequest(Strict):
 
 class RecommendedItem(BaseModel):
     item_id: str
-    score: float = Field(description="Log-probability of the item's whole SID under the model.")
+    score: float = Field(description="The ranking score: the log-probability of the item's whole SID under the "
+                                     "model, plus the text-similarity term where the bundle's re-rank or the "
+                                     "cold-start blend applies (model/cold_start.py).")
     sid: list[int] | None = None
 
 

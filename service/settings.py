@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     # to the history into the ranking (model/cold_start.py; tuned on Beauty validation), 'prefix'
     # lets them inherit their parent prefix's probability, 'off' serves the beam's ranking alone.
     cold_start: Literal["off", "dense", "prefix"] = "dense"
+    # The hybrid re-rank of the beam's items by text similarity to the history (model/cold_start.py).
+    # None: the weight the bundle's training run chose on validation; 0 turns it off.
+    rerank_weight: float | None = Field(default=None, ge=0.0, le=1000.0)
 
     # Model lifecycle (service.lifecycle): load a new version beside the running one, switch, roll back.
     # Bundles an admin reload may name must lie under this folder (None: the parent of bundle_path).

@@ -246,3 +246,46 @@ def test_bundle_refuses_item_embeddings_of_the_wrong_length(bundle_path, tmp_pat
     with pytest.raises(BundleError, match="one row per item"):
         save_bundle(tmp_path / "x", b.model, b.sid_map, b.item_ids,
                     codebooks={**b.codebooks, "item_embeddings": torch.zeros(N - 1, D)})
+
+
+def test_rerank_resorts_the_beam_by_text_similarity_and_travels_in_the_bundle(bundle_path, tmp_path):
+    """The hybrid re-rank: a bundle whose run chose `eval.rerank_weight` serves it; each returned
+    item's score is its beam log-prob + weight * (cos - 1) against the history's profile, the
+    items are the beam's own, sorted; weight 0 (an override) serves the beam's exact order."""
+    from sidrec.model.cold_start import RerankOptions
+
+    b = load_bundle(bundle_path)
+    books = {k: v for k, v in b.codebooks.items() if k.startswith("codebook_")}
+    emb = torch.nn.functional.normalize(torch.randn(N, D, generator=torch.Generator().manual_seed(1)), dim=-1)
+    path = save_bundle(tmp_path / "rr", b.model, b.sid_map, b.item_ids, codebooks={**books, "item_embeddings": emb},
+                       extra_config={"pipeline": {"eval": {"rerank_weight": 3.0, "rerank_decay": 0.5}}})
+    on = RecommendEngine(load_bundle(path), EngineOptions(dtype="float32", tune_malloc=False))
+    off = RecommendEngine(load_bundle(path), EngineOptions(dtype="float32", tune_malloc=False, rerank_weight=0.0))
+    try:
+        assert on.rerank == RerankOptions(3.0, 0.5) and off.rerank.weight == 0.0
+        hist = [[3, 17, 42, 8], [5], []]
+        beam = off.recommend(hist, 20, 20)
+        got = on.recommend(hist, 20, 10)
+        plain = off.recommend(hist, 20, 10)
+        assert torch.equal(plain.items, beam.items[:, :10])
+        for r, h in enumerate(hist):
+            n = int(beam.n_valid[r])
+            items, scores = beam.items[r, :n], beam.scores[r, :n]
+            if h:
+                w = 0.5 ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float32)
+                e16 = emb.half().float()  # the engine keeps item vectors in float16
+                prof = torch.nn.functional.normalize((w[:, None] * e16[h]).sum(0), dim=0)
+                expect = scores + 3.0 * (e16[items] @ prof - 1.0)
+            else:  # no history, no profile: the beam's scores and order
+                expect = scores
+            order = torch.argsort(expect, descending=True, stable=True)[:10]
+            assert got.items[r, :10].tolist() == items[order].tolist()
+            assert torch.allclose(got.scores[r, :10], expect[order], atol=1e-4)
+            assert torch.equal(got.sids[r, :10], beam.sids[r, :n][order])
+        assert not torch.equal(got.items[0], plain.items[0]), "a weight of 3 reordered nothing"
+        assert torch.equal(got.items[2], plain.items[2])
+    finally:
+        on.close()
+        off.close()
+    with pytest.raises(ValueError, match="re-rank decay"):
+        RerankOptions(1.0, 0.0)

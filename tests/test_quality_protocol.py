@@ -213,3 +213,50 @@ def test_missing_selection_names_how_the_nearest_record_differs(tmp_path):
     assert prov["selected_on"] == "unknown" and str(expected) in prov["selection_warning"]
     assert "train.time_budget_min: 20 there, 80 here" in prov["selection_warning"]
     assert "fit_on" not in prov["selection_warning"]  # the protocol's own setting is no difference
+
+
+def test_rerank_tune_chooses_on_validation_and_the_pipeline_scores_the_same_knobs(tmp_path, hashed_embeddings,
+                                                                                   capsys):
+    """benchmarks/rerank_tune.py on a select run: its weight-0 row is the select run's own
+    validation score, it picks the grid's best NDCG@10, and a select run evaluated with the
+    chosen knobs (the engine's re-rank code, through training.evaluate) scores what the tuner's
+    numpy twin said. A grid on test is refused."""
+    tune = _script("rerank_tune")
+    data, _ = __import__("sidrec.training.protocol", fromlist=["resolve_data"]).resolve_data("synthetic:60x150")
+    cfg, reg, quiet = PipelineConfig.from_dict(TINY), tmp_path / "sel", (lambda s: None)
+    s, _, _ = run_protocol("select", cfg, data, None, tmp_path / "run", reg, "tiny", log=quiet)
+    capsys.readouterr()
+    assert tune.main([str(tmp_path / "run"), "--data", "synthetic:60x150", "--weights", "0", "1", "4", "50",
+                      "--decays", "0.4", "1.0"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    grid = json.loads((tmp_path / "run" / "rerank_tune-valid.json").read_text())["grid"]
+    assert len(grid) == 8 and (tmp_path / "run" / "rerank_tune-valid.png").read_bytes()[:4] == b"\x89PNG"
+    for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+        assert res["off"][k] == pytest.approx(s["valid"][k], abs=1e-5)
+    assert res["best"]["ndcg@10"] == max(r["ndcg@10"] for r in grid)
+    assert len({r["ndcg@10"] for r in grid}) > 1, "the re-rank changed nothing on any knob"
+
+    w, d = res["best"]["weight"], res["best"]["decay"]
+    chosen = next(r for r in grid if r["weight"] == 50 and r["decay"] == 1.0) if w == 0 else res["best"]
+    w, d = chosen["weight"], chosen["decay"]
+    on = apply_overrides(cfg, {"eval.rerank_weight": w, "eval.rerank_decay": d})
+    s2, _, _ = run_protocol("select", on, data, None, tmp_path / "run", reg, "tiny", log=quiet)
+    assert s2["rerank"] == {"weight": w, "decay": d, "vectors": "text embeddings"}
+    for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+        assert s2["valid"][k] == pytest.approx(chosen[k], abs=1e-5)
+
+    with pytest.raises(SystemExit):
+        tune.main([str(tmp_path / "run"), "--data", "synthetic:60x150", "--split", "test", "--weights", "1", "2"])
+    assert "a grid on test would choose on test" in capsys.readouterr().err
+
+
+def test_an_int_for_a_float_setting_is_the_same_recipe():
+    """`time_budget_min: 60` in a recipe file and `--time-budget 60.0` on the command line are one
+    recipe: a final run must find the select run's record."""
+    cfg = PipelineConfig.from_dict(TINY)
+    a = apply_overrides(cfg, ["train.time_budget_min=60", "train.lr=1", "eval.rerank_weight=2"])
+    b = apply_overrides(cfg, ["train.time_budget_min=60.0", "train.lr=1.0", "eval.rerank_weight=2.0"])
+    assert recipe_key(a) == recipe_key(b) and a.to_dict() == b.to_dict()
+    assert isinstance(a.train.time_budget_min, float) and isinstance(a.train.epochs, int)
+    with pytest.raises(ValueError, match="rerank"):
+        apply_overrides(cfg, ["eval.rerank_weight=-1"])

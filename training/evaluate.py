@@ -10,7 +10,8 @@ This module does not train anything.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +19,25 @@ from tqdm import tqdm
 
 from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.beam_search import beam_search, encode_histories
+from sidrec.model.cold_start import ColdStart, RerankOptions
 from sidrec.model.transformer import SIDTransformer
 
 SPLITS = ("valid", "test")
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """The engine's hybrid re-rank for offline scoring: the item vectors (a ColdStart holding
+    every item's text embedding) and the knobs."""
+
+    store: ColdStart
+    options: RerankOptions
+
+    @classmethod
+    def from_run(cls, codebooks: Mapping[str, torch.Tensor], num_levels: int, embeddings: np.ndarray | None,
+                 options: RerankOptions) -> "Reranker":
+        emb = None if embeddings is None else torch.as_tensor(np.asarray(embeddings), dtype=torch.float16)
+        return cls(ColdStart(codebooks, num_levels, emb), options)
 
 
 def split_targets(split, name: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -65,14 +82,18 @@ def popularity_metrics(train: Sequence[np.ndarray], targets: np.ndarray, num_ite
 @torch.no_grad()
 def rank_users(model: SIDTransformer, trie: PrefixTrie, sid_map: torch.Tensor, histories: Sequence[np.ndarray],
                beam: int, top_n: int, batch_size: int = 128, dtype: torch.dtype | None = None,
-               beam_step=None, progress: bool = False, desc: str = "rank") -> np.ndarray:
-    """Top-`top_n` internal items per history (U, top_n), -1 where fewer valid items exist."""
+               beam_step=None, progress: bool = False, desc: str = "rank", rerank: Reranker | None = None,
+               scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Top-`top_n` internal items per history (U, top_n), -1 where fewer valid items exist; with
+    `rerank`, the beam's `beam` items re-ranked (as the engine does) before the cut; with
+    `scores`, also their (U, top_n) scores (-inf past the valid ones)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     # Batches of similar history length waste less compute on padding.
     order = np.argsort([len(h) for h in histories], kind="stable")
     out = np.full((len(histories), top_n), -1, dtype=np.int64)
+    out_s = np.full((len(histories), top_n), -np.inf, dtype=np.float32)
     kwargs = {} if beam_step is None else {"beam_step": beam_step}
     batches = range(0, len(order), batch_size)
     it = tqdm(batches, desc=desc, leave=False, disable=not progress)
@@ -84,20 +105,26 @@ def rank_users(model: SIDTransformer, trie: PrefixTrie, sid_map: torch.Tensor, h
         src, mask = encode_histories([histories[i] for i in idx], sid_dev, model.offsets,
                                      model.cfg.max_history, device)
         with ac:
-            res = beam_search(model, trie, src, mask, beam, top_n, **kwargs)
-        out[idx] = res.items.cpu().numpy()
+            res = beam_search(model, trie, src, mask, beam, beam if rerank is not None else top_n, **kwargs)
+        if rerank is not None:
+            res = rerank.store.rerank(rerank.options, res, [histories[i] for i in idx], sid_dev, top_n,
+                                      model.cfg.max_history)
+        out[idx] = res.items[:, :top_n].cpu().numpy()
+        out_s[idx] = res.scores[:, :top_n].float().cpu().numpy()
     model.train(was_training)
-    return out
+    return (out, out_s) if scores else out
 
 
 def evaluate(model: SIDTransformer, trie: PrefixTrie, sid_map: torch.Tensor, histories: Sequence[np.ndarray],
              targets: np.ndarray, beam: int = 20, ks: Sequence[int] = (5, 10),
              wide_beams: Sequence[int] = (), wide_users: int = 1000, batch_size: int = 128,
-             dtype: torch.dtype | None = None, seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """TIGER-protocol metrics over all given users; wide-beam recalls on a seeded user sample."""
+             dtype: torch.dtype | None = None, seed: int = 0, progress: bool = False,
+             rerank: Reranker | None = None) -> dict[str, float]:
+    """TIGER-protocol metrics over all given users; wide-beam recalls on a seeded user sample.
+    `rerank` applies to the @5/@10 ranking (the wide-beam recalls count the beam's set)."""
     top_n = max(ks)
     ranked = rank_users(model, trie, sid_map, histories, max(beam, top_n), top_n, batch_size, dtype,
-                        progress=progress, desc=f"eval beam {beam}")
+                        progress=progress, desc=f"eval beam {beam}", rerank=rerank)
     metrics = recall_ndcg(ranked, targets, ks)
     metrics["users"] = len(targets)
     rng = np.random.default_rng(seed)

@@ -271,6 +271,18 @@ def _score_splits(run: Run) -> dict:
         # What picked the checkpoint inside this run (the recipe's selection is `selected_on`).
         "checkpoint_selected_on": "validation" if c.fit_on == "train" else "last epoch",
     }
+    rerank = None
+    if ce.rerank_weight > 0:
+        from sidrec.model.cold_start import RerankOptions
+        from sidrec.training.evaluate import Reranker
+
+        if not run.codebooks:
+            raise ValueError("eval.rerank_weight > 0 needs item vectors: this run's quantizer kept no codebooks")
+        books = bundle_books(run)
+        rerank = Reranker.from_run(run.codebooks, run.layout.num_levels, books.get(ITEM_EMBEDDINGS),
+                                   RerankOptions(ce.rerank_weight, ce.rerank_decay))
+        metrics["rerank"] = {"weight": ce.rerank_weight, "decay": ce.rerank_decay,
+                             "vectors": "text embeddings" if ITEM_EMBEDDINGS in books else "SID reconstructions"}
     t = time.time()
     for name in ce.splits:
         if name == "valid" and seen_validation_targets(c):
@@ -281,7 +293,8 @@ def _score_splits(run: Run) -> dict:
             continue
         hist, tgt = split_targets(sp, name)
         m = evaluate(run.model, trie, run.sid_map, hist, tgt, beam=ce.beam, wide_beams=ce.wide_beams,
-                     wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype, progress=True)
+                     wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype, progress=True,
+                     rerank=rerank)
         m["popularity"] = popularity_metrics(sp.train, tgt, run.data.num_items, ks=(5, 10))
         metrics[name] = m
     if metrics.get("test"):  # the flat keys the bundle and older readers know
