@@ -211,7 +211,7 @@ def test_missing_selection_names_how_the_nearest_record_differs(tmp_path):
     expected = record_path(tmp_path, "select", "abcdef0123456789", other)
     prov = provenance("final", "tiny", other, None, expected)
     assert prov["selected_on"] == "unknown" and str(expected) in prov["selection_warning"]
-    assert "train.time_budget_min: 20 there, 80 here" in prov["selection_warning"]
+    assert "train.time_budget_min: 20.0 there, 80.0 here" in prov["selection_warning"]
     assert "fit_on" not in prov["selection_warning"]  # the protocol's own setting is no difference
 
 
