@@ -13,9 +13,9 @@ Run it on a select run (fit on train only), whose validation users the model nev
         --set eval.rerank_weight=W --set eval.rerank_decay=D
 
 `--split test` is refused unless `--weights` names at most two values (the chosen one and 0): a
-score on test for an ablation table row, never a grid to choose from. Writes rerank_tune.json
-and rerank_tune.png (NDCG@10 against the weight, one line per decay) into the run directory,
-and one JSON line last.
+score on test for an ablation table row, never a grid to choose from. Writes
+rerank_tune-<split>.json and rerank_tune-<split>.png (NDCG@5 and @10 against the weight, one line
+per decay) into the run directory, and one JSON line last.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from sidrec.kernels.trie import PrefixTrie  # noqa: E402
 from sidrec.model.bundle import ITEM_EMBEDDINGS  # noqa: E402
-from sidrec.model.cold_start import RerankOptions  # noqa: E402
+from sidrec.model.cold_start import RerankOptions, rerank_scores  # noqa: E402
 from sidrec.training.config import PipelineConfig  # noqa: E402
 from sidrec.training.evaluate import Reranker, rank_users, recall_ndcg, split_targets  # noqa: E402
 from sidrec.training.pipeline import bundle_books, run_pipeline  # noqa: E402
@@ -64,13 +64,14 @@ def load_run(run_dir: Path, data_spec: str, device: str | None = None):
     return cfg, run, model
 
 
-def rescore(items: np.ndarray, scores: np.ndarray, cos: np.ndarray, has: np.ndarray, weight: float,
+def rescore(items: np.ndarray, scores: np.ndarray, cos: torch.Tensor, has: torch.Tensor, weight: float,
             top_n: int) -> np.ndarray:
-    """(U, top_n) items after the re-rank of (U, N) beam items (numpy twin of ColdStart.rerank)."""
-    new = scores + np.where(has[:, None], weight * (cos - 1.0), 0.0)
-    new = np.where(items >= 0, new, -np.inf)
-    order = np.argsort(-new, axis=1, kind="stable")[:, :top_n]
-    return np.where(np.take_along_axis(items >= 0, order, 1), np.take_along_axis(items, order, 1), -1)
+    """(U, top_n) items after the re-rank of (U, N) beam items: the engine's scores
+    (`rerank_scores`), sorted as ColdStart.rerank sorts them."""
+    valid = torch.as_tensor(items >= 0)
+    new = rerank_scores(torch.as_tensor(scores), valid, cos, has, weight)
+    order = torch.argsort(new, dim=1, descending=True, stable=True)[:, :top_n]
+    return torch.where(torch.gather(valid, 1, order), torch.gather(torch.as_tensor(items), 1, order), -1).numpy()
 
 
 def main(argv=None) -> int:
@@ -110,15 +111,15 @@ def main(argv=None) -> int:
     books = bundle_books(run)
     vectors = "text embeddings" if ITEM_EMBEDDINGS in books else "SID reconstructions"
     sids = run.sid_map.to(torch.int64)
+    store = Reranker.from_run(run.codebooks, run.layout.num_levels, books.get(ITEM_EMBEDDINGS),
+                              RerankOptions()).store  # every item's vector, once
+    vec = store.vectors(torch.as_tensor(np.maximum(items, 0)).reshape(-1), sids).view(*items.shape, -1)
     rows = []
     for decay in a.decays:
-        rr = Reranker.from_run(run.codebooks, run.layout.num_levels, books.get(ITEM_EMBEDDINGS),
-                               RerankOptions(0.0, decay))
-        prof, has = rr.store.profiles(hist, sids, decay, model.cfg.max_history)
-        vec = rr.store.vectors(torch.as_tensor(np.maximum(items, 0)).reshape(-1), sids).view(*items.shape, -1)
-        cos = torch.einsum("und,ud->un", vec, prof).numpy()
+        prof, has = store.profiles(hist, sids, decay, model.cfg.max_history)
+        cos = torch.einsum("und,ud->un", vec, prof)
         for w in a.weights:
-            m = recall_ndcg(rescore(items, scores, cos, has.numpy(), w, top_n), tgt, KS)
+            m = recall_ndcg(rescore(items, scores, cos, has, w, top_n), tgt, KS)
             rows.append({"weight": w, "decay": decay, **{k: round(v, 5) for k, v in m.items()}})
     best = max(rows, key=lambda r: (r["ndcg@10"], r["ndcg@5"], -r["weight"]))
     off = next((r for r in rows if r["weight"] == 0.0), None)

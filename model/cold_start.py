@@ -99,6 +99,13 @@ class RerankOptions:
             raise ValueError(f"re-rank weight must be >= 0, got {self.weight!r}")
 
 
+def rerank_scores(scores: Tensor, valid: Tensor, cos: Tensor, has: Tensor, weight: float) -> Tensor:
+    """(B, N) re-ranked scores: `score + weight * (cos - 1)` where the history had an item (`has`,
+    (B,)), the beam's score where it had none, -inf past the valid slots (`valid`, (B, N))."""
+    new = scores + torch.where(has[:, None], weight * (cos - 1.0), torch.zeros_like(cos))
+    return torch.where(valid, new, torch.full_like(new, float("-inf")))
+
+
 def reconstructions(codebooks: Sequence[Tensor], sids: Tensor) -> Tensor:
     """sids (L, n) -> (n, D) unit vectors: sum over the quantizer levels of the codes' centroids
     (a trailing dedup digit beyond the codebooks is ignored)."""
@@ -275,9 +282,7 @@ class ColdStart:
         valid = torch.arange(N)[None, :] < n_valid[:, None]
         vec = self.vectors(items.clamp(min=0).reshape(-1), sids).view(B, N, -1)
         prof, has = self.profiles(histories, sids, opts.decay, max_history)
-        cos = torch.einsum("bnd,bd->bn", vec, prof)
-        new = scores + torch.where(has[:, None], opts.weight * (cos - 1.0), torch.zeros_like(cos))
-        new = torch.where(valid, new, torch.full_like(new, float("-inf")))
+        new = rerank_scores(scores, valid, torch.einsum("bnd,bd->bn", vec, prof), has, opts.weight)
         # by (-score, beam rank): equal scores keep the beam's order
         order = torch.argsort(new, dim=1, descending=True, stable=True)[:, :keep]
         out_items = torch.where(torch.gather(valid, 1, order), torch.gather(items, 1, order), -1)
