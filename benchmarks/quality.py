@@ -36,7 +36,8 @@ KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
 def table_rows(anchors, match, select_m: dict | None, final_m: dict | None, sel_rec: dict | None
                ) -> list[tuple[str, str, dict]]:
-    """(label, split, metrics) rows: published anchors, ours on validation and test, popularity."""
+    """(label, split, metrics) rows: published anchors, ours on validation and test, and the two
+    baselines without a model: popularity, and the transition table alone (model.transitions)."""
     rows = []
     for a in anchors:
         mark = " *" if match.how == "shape" else ""
@@ -54,8 +55,10 @@ def table_rows(anchors, match, select_m: dict | None, final_m: dict | None, sel_
         for split in ("valid", "test"):
             if m is not None and m.get(split):
                 rows.append(("popularity", split, m[split]["popularity"]))
+                if m[split].get("transitions_alone"):
+                    rows.append(("next-item table alone", split, m[split]["transitions_alone"]))
     seen, unique = set(), []
-    for r in rows:  # popularity appears once per split
+    for r in rows:  # a baseline appears once per split
         if (r[0], r[1]) not in seen:
             seen.add((r[0], r[1]))
             unique.append(r)
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
            "train_minutes": main_m.get("train_minutes"), "best_epoch": main_m.get("best_epoch"),
            "epochs_run": main_m.get("epochs_run"), "users": (test or valid or {}).get("users"),
            "device": main_m.get("device"), "arch": cfg.train.arch, "fit_on": main_m.get("fit_on"),
-           "rerank": main_m.get("rerank"),
+           "rerank": main_m.get("rerank"), "transitions": main_m.get("transitions"),
+           "transitions_alone": {k: (test or valid or {}).get("transitions_alone", {}).get(k) for k in KEYS},
            "config": main_m["recipe"]["config"], "wall_minutes": round((time.time() - t0) / 60, 1)}
     if test:
         res.update({k: test[k] for k in KEYS})  # the flat keys of earlier JSON lines

@@ -1,9 +1,15 @@
-"""Choose the hybrid re-rank's knobs on validation (`eval.rerank_weight`, `eval.rerank_decay`).
+"""Choose the hybrid ranking's knobs on validation: the transition mixture (`eval.transitions_*`)
+and the text re-rank (`eval.rerank_weight`, `eval.rerank_decay`).
 
-The beam's own items are re-scored `log p(SID) + weight * (cos - 1)`, cos between the item's text
-embedding and the history's recency-weighted profile (model/cold_start.py: `RerankOptions`, the
-same code the engine runs). The beam is searched once per user; every (weight, decay) pair then
-only re-sorts those items, so a grid costs seconds.
+The served score of an item is (model/cold_start.py `hybrid_rerank`, the code the engine runs):
+
+    log((1 - mix) * p_beam(SID) + mix * p_next(item | history)) + weight * (cos - 1)
+
+p_next from the transition table of the sequences the model was fit on (model/transitions.py),
+with its own history decay, and `extra` next items the beam missed added as candidates; cos
+between the item's text embedding and the history's recency-weighted profile. The beam is
+searched once per user and p_next looked up once per history decay; every grid point then only
+re-sorts those candidates, so a grid of hundreds costs a minute.
 
 Run it on a select run (fit on train only), whose validation users the model never trained on:
 
@@ -12,14 +18,15 @@ Run it on a select run (fit on train only), whose validation users the model nev
     .venv/bin/python benchmarks/quality.py --config beauty-cpu --protocol final \\
         --set eval.rerank_weight=W --set eval.rerank_decay=D
 
-`--split test` is refused unless `--weights` names at most two values (the chosen one and 0): a
-score on test for an ablation table row, never a grid to choose from. Writes
-rerank_tune-<split>.json and rerank_tune-<split>.png (NDCG@5 and @10 against the weight, one line
-per decay) into the run directory, and one JSON line last.
+`--split test` is refused unless the grid has at most two points: the chosen one and one with a
+knob off, a score on test for an ablation table row, never a grid to choose from. Writes
+rerank_tune-<split>.json and rerank_tune-<split>.png (NDCG@5 and @10 against the mixture weight,
+one line per text weight, at the best other knobs) into the run directory, and one JSON line last.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,15 +41,20 @@ sys.path.insert(0, str(ROOT))
 from sidrec.kernels.trie import PrefixTrie  # noqa: E402
 from sidrec.model.bundle import ITEM_EMBEDDINGS  # noqa: E402
 from sidrec.model.cold_start import RerankOptions, rerank_scores  # noqa: E402
+from sidrec.model.transitions import TransitionOptions, Transitions, lookup, mix_scores, top  # noqa: E402
 from sidrec.training.config import PipelineConfig  # noqa: E402
 from sidrec.training.evaluate import Reranker, rank_users, recall_ndcg, split_targets  # noqa: E402
-from sidrec.training.pipeline import bundle_books, run_pipeline  # noqa: E402
+from sidrec.training.pipeline import bundle_books, run_pipeline, run_transitions  # noqa: E402
 from sidrec.training.protocol import resolve_data  # noqa: E402
 from sidrec.training.train import autocast_dtype, build_model  # noqa: E402
 
 KS = (5, 10)
-WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
-DECAYS = (0.2, 0.4, 0.7, 1.0)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+DECAYS = (0.2,)
+MIX_WEIGHTS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
+MIX_DECAYS = (0.1, 0.3)
+EXTRAS = (0, 10, 20)
+METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 
 
 def load_run(run_dir: Path, data_spec: str, device: str | None = None):
@@ -64,14 +76,57 @@ def load_run(run_dir: Path, data_spec: str, device: str | None = None):
     return cfg, run, model
 
 
-def rescore(items: np.ndarray, scores: np.ndarray, cos: torch.Tensor, has: torch.Tensor, weight: float,
-            top_n: int) -> np.ndarray:
-    """(U, top_n) items after the re-rank of (U, N) beam items: the engine's scores
-    (`rerank_scores`), sorted as ColdStart.rerank sorts them."""
+def with_next_items(items: np.ndarray, scores: np.ndarray, hist, table: Transitions, decay: float, extra: int,
+                    max_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates (U, N + extra): the beam's items, then up to `extra` most likely next items the
+    beam missed (score -inf), as `add_next_items` orders them; their p_next (U, N + extra); and
+    (U,) how many extra each user got."""
+    U, N = items.shape
+    cand = np.full((U, N + extra), -1, dtype=np.int64)
+    cand[:, :N] = items
+    sc = np.full((U, N + extra), -np.inf, dtype=np.float32)
+    sc[:, :N] = scores
+    n_extra = np.zeros(U, dtype=np.int64)
+    dists = table.dists(hist, decay, max_history)  # as hybrid_rerank: once per history
+    for u, d in enumerate(dists):
+        if extra:
+            best, _ = top(d, 2 * extra + N)
+            best = best.numpy()
+            best = best[~np.isin(best, items[u][items[u] >= 0])][:extra]
+            n = int((items[u] >= 0).sum())
+            cand[u, n + np.arange(len(best))] = best  # after the valid beam items (they come first)
+            n_extra[u] = len(best)
+    p = lookup(dists, torch.as_tensor(cand)).numpy()
+    return cand, sc, p, n_extra
+
+
+def rescore(items: np.ndarray, scores: np.ndarray, p_next: np.ndarray | None, mix: float, cos: torch.Tensor | None,
+            has: torch.Tensor | None, weight: float, top_n: int) -> np.ndarray:
+    """(U, top_n) items after the hybrid ranking of (U, N) candidates: the engine's scores
+    (`mix_scores`, then `rerank_scores`), sorted as ColdStart.rerank sorts them."""
     valid = torch.as_tensor(items >= 0)
-    new = rerank_scores(torch.as_tensor(scores), valid, cos, has, weight)
+    s = torch.as_tensor(scores)
+    if p_next is not None and mix > 0:
+        s = mix_scores(s, torch.as_tensor(p_next), mix)
+    if weight > 0:
+        new = rerank_scores(s, valid, cos, has, weight)
+    else:
+        new = torch.where(valid, s, torch.full_like(s, float("-inf")))
     order = torch.argsort(new, dim=1, descending=True, stable=True)[:, :top_n]
     return torch.where(torch.gather(valid, 1, order), torch.gather(torch.as_tensor(items), 1, order), -1).numpy()
+
+
+def text_cos(store, items: np.ndarray, hist, sids: torch.Tensor, decay: float, max_history: int,
+             chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, N) cosine of each candidate's vector to its history's profile, and (U,) has-history;
+    gathered in chunks of users (the (U, N, D) block would not fit)."""
+    allv = store.vectors(torch.arange(sids.shape[1]), sids)  # (num_items, D)
+    prof, has = store.profiles(hist, sids, decay, max_history)
+    idx = torch.as_tensor(np.maximum(items, 0))
+    cos = torch.zeros(items.shape)
+    for a in range(0, len(items), chunk):
+        cos[a: a + chunk] = torch.einsum("und,ud->un", allv[idx[a: a + chunk]], prof[a: a + chunk])
+    return cos, has
 
 
 def main(argv=None) -> int:
@@ -80,22 +135,39 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "amazon-beauty"))
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--beam", type=int, help="beam width (default: the run's eval.beam)")
-    p.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
-    p.add_argument("--decays", type=float, nargs="+", default=list(DECAYS))
+    p.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS), help="text re-rank weights")
+    p.add_argument("--decays", type=float, nargs="+", default=list(DECAYS), help="text re-rank history decays")
+    p.add_argument("--mix-weights", type=float, nargs="+", default=list(MIX_WEIGHTS),
+                   help="transition mixture weights (0: the beam's p(SID) alone)")
+    p.add_argument("--mix-decays", type=float, nargs="+", default=list(MIX_DECAYS),
+                   help="the transition mixture's history decays")
+    p.add_argument("--extras", type=int, nargs="+", default=list(EXTRAS),
+                   help="next items the beam missed added as candidates")
+    p.add_argument("--window", type=int, help="transition table window (default: the run's eval.transitions_window)")
+    p.add_argument("--gap-decay", type=float, help="transition table gap decay (default: the run's)")
+    p.add_argument("--top-k", type=int, help="transition table row length (default: the run's)")
     p.add_argument("--device", help="where the beam runs (default: the run's train.device)")
     p.add_argument("--users", type=int, help="score a seeded sample of this many users (default all)")
     a = p.parse_args(argv)
-    if a.split == "test" and len(set(a.weights) - {0.0}) > 1:
-        p.error("--split test scores at most one non-zero weight (the one validation chose): "
-                "a grid on test would choose on test")
+    points = len(a.weights) * len(a.decays) * len(a.mix_weights) * len(a.mix_decays) * len(a.extras)
+    if a.split == "test" and points > 2:
+        p.error(f"--split test scores at most two grid points (the one validation chose, and one with a knob "
+                f"off), got {points}: a grid on test would choose on test")
     for d in a.decays:
         RerankOptions(max(a.weights), d)  # the engine's bounds, checked before anything runs
+    for d in a.mix_decays:
+        for e in a.extras:
+            TransitionOptions(max(a.mix_weights), d, e)
 
     t0 = time.time()
     cfg, run, model = load_run(a.run_dir, a.data, a.device)
     if a.split == "valid" and (cfg.train.fit_on != "train" or cfg.train.refit_epochs > 0):
         raise SystemExit(f"{a.run_dir} trained on the validation targets (fit_on={cfg.train.fit_on}); "
                          "choose knobs on a select run (fit on train only)")
+    shape = {"transitions_window": a.window, "transitions_gap_decay": a.gap_decay, "transitions_top_k": a.top_k}
+    shape = {k: v for k, v in shape.items() if v is not None}
+    if shape:
+        run.cfg = cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **shape))
     hist, tgt = split_targets(run.split, a.split)
     if a.users and a.users < len(tgt):
         pick = np.random.default_rng(0).choice(len(tgt), a.users, replace=False)
@@ -107,43 +179,72 @@ def main(argv=None) -> int:
     items, scores = rank_users(model, trie, run.sid_map, hist, max(beam, top_n), max(beam, top_n),
                                cfg.eval.batch_size, dtype, progress=True, desc=f"{a.split} beam {beam}", scores=True)
     search_s = time.time() - t0
+    mh = model.cfg.max_history
+    table = run_transitions(run)  # the sequences the model was fit on
+    alone = {}  # the table by itself, per decay: the baseline the mixture must beat
+    for d in a.mix_decays:
+        ranked = np.full((len(hist), top_n), -1, dtype=np.int64)
+        for u, h in enumerate(hist):
+            it, _ = table.top(h, top_n, d, mh)
+            ranked[u, : it.numel()] = it.numpy()
+        alone[d] = {k: round(v, 5) for k, v in recall_ndcg(ranked, tgt, KS).items()}
 
     books = bundle_books(run)
     vectors = "text embeddings" if ITEM_EMBEDDINGS in books else "SID reconstructions"
     sids = run.sid_map.to(torch.int64)
     store = Reranker.from_run(run.codebooks, run.layout.num_levels, books.get(ITEM_EMBEDDINGS),
                               RerankOptions()).store  # every item's vector, once
-    vec = store.vectors(torch.as_tensor(np.maximum(items, 0)).reshape(-1), sids).view(*items.shape, -1)
     rows = []
-    for decay in a.decays:
-        prof, has = store.profiles(hist, sids, decay, model.cfg.max_history)
-        cos = torch.einsum("und,ud->un", vec, prof)
-        for w in a.weights:
-            m = recall_ndcg(rescore(items, scores, cos, has, w, top_n), tgt, KS)
-            rows.append({"weight": w, "decay": decay, **{k: round(v, 5) for k, v in m.items()}})
-    best = max(rows, key=lambda r: (r["ndcg@10"], r["ndcg@5"], -r["weight"]))
-    off = next((r for r in rows if r["weight"] == 0.0), None)
+    e_max = max(a.extras)
+    for md in a.mix_decays:
+        cand, sc, p_next, _ = with_next_items(items, scores, hist, table, md, e_max, mh)
+        n_beam = (items >= 0).sum(1)  # the extras follow each user's valid beam items
+        for e in a.extras:
+            # the first e extra candidates only (the rest invalid), as add_next_items would give
+            c_e = cand.copy()
+            c_e[np.arange(c_e.shape[1])[None, :] >= (n_beam + e)[:, None]] = -1
+            for td in a.decays:
+                cos, has = (text_cos(store, c_e, hist, sids, td, mh) if any(w > 0 for w in a.weights)
+                            else (None, None))
+                for mw in a.mix_weights:
+                    if mw == 0 and (e > 0 or md != a.mix_decays[0]):
+                        continue  # the same ranking as (mix 0, first decay, extra 0)
+                    for w in a.weights:
+                        m = recall_ndcg(rescore(c_e, sc, p_next, mw, cos, has, w, top_n), tgt, KS)
+                        rows.append({"mix_weight": mw, "mix_decay": md, "extra": e, "weight": w, "decay": td,
+                                     **{k: round(v, 5) for k, v in m.items()}})
+    best = max(rows, key=lambda r: (r["ndcg@10"], r["ndcg@5"], -r["extra"], -r["weight"], -r["mix_weight"]))
+    off = next((r for r in rows if r["weight"] == 0.0 and r["mix_weight"] == 0.0), None)
 
-    print(f"\n{a.split}, {len(tgt):,} users, beam {beam}, vectors: {vectors}")
-    print(f"{'weight':>7} {'decay':>6} " + " ".join(f"{k:>10}" for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")))
+    print(f"\n{a.split}, {len(tgt):,} users, beam {beam}, vectors: {vectors}, transitions: {table.nnz:,} entries "
+          f"(window {cfg.eval.transitions_window}, gap decay {cfg.eval.transitions_gap_decay}, "
+          f"top {cfg.eval.transitions_top_k})")
+    for d, m in alone.items():
+        print(f"the transition table alone, decay {d}: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRICS))
+    head = ("mix", "m.decay", "extra", "weight", "decay")
+    print(" ".join(f"{h:>7}" for h in head) + " " + " ".join(f"{k:>10}" for k in METRICS))
     for r in rows:
         mark = "  <- best" if r is best else ""
-        print(f"{r['weight']:>7} {r['decay']:>6} " + " ".join(f"{r[k]:>10.4f}" for k in
-                                                          ("recall@5", "ndcg@5", "recall@10", "ndcg@10")) + mark)
+        print(" ".join(f"{r[k]:>7}" for k in ("mix_weight", "mix_decay", "extra", "weight", "decay")) + " "
+              + " ".join(f"{r[k]:>10.4f}" for k in METRICS) + mark)
+    tshape = {"window": cfg.eval.transitions_window, "gap_decay": cfg.eval.transitions_gap_decay,
+              "top_k": cfg.eval.transitions_top_k, "nnz": table.nnz}
     out = {"benchmark": "rerank_tune", "run": str(a.run_dir), "split": a.split, "users": len(tgt), "beam": beam,
-           "vectors": vectors, "fit_on": cfg.train.fit_on, "chosen_by": "ndcg@10",
-           "best": best, "off": off, "grid": rows, "search_s": round(search_s, 1),
+           "vectors": vectors, "fit_on": cfg.train.fit_on, "chosen_by": "ndcg@10", "transitions": tshape,
+           "best": best, "off": off, "transitions_alone": alone, "grid": rows, "search_s": round(search_s, 1),
            "wall_s": round(time.time() - t0, 1)}
     tmp = a.run_dir / f"rerank_tune-{a.split}.json.tmp"
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(a.run_dir / f"rerank_tune-{a.split}.json")
-    if len(a.weights) > 1:
-        plot(rows, a.decays, a.run_dir / f"rerank_tune-{a.split}.png", f"{a.split}, beam {beam}")
+    if len(a.mix_weights) > 1:
+        plot(rows, best, a.run_dir / f"rerank_tune-{a.split}.png", f"{a.split}, beam {beam}")
     print(json.dumps({k: v for k, v in out.items() if k != "grid"}))
     return 0
 
 
-def plot(rows: list[dict], decays, path: Path, title: str) -> None:
+def plot(rows: list[dict], best: dict, path: Path, title: str) -> None:
+    """NDCG@5 and @10 against the mixture weight, one line per text weight, at the best run's
+    other knobs (history decays and extra candidates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,14 +254,16 @@ def plot(rows: list[dict], decays, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("ndcg@5", "ndcg@10")):
-        for d in decays:
-            rs = [r for r in rows if r["decay"] == d]
-            ax.plot([r["weight"] for r in rs], [r[key] for r in rs], marker="o", label=f"decay {d}")
-        ax.set_xlabel("re-rank weight (log-prob units per unit of cosine)")
+        for w in sorted({r["weight"] for r in rows}):
+            rs = [r for r in rows if r["weight"] == w and r["decay"] == best["decay"]
+                  and (r["mix_weight"] == 0 or (r["mix_decay"] == best["mix_decay"] and r["extra"] == best["extra"]))]
+            rs.sort(key=lambda r: r["mix_weight"])
+            ax.plot([r["mix_weight"] for r in rs], [r[key] for r in rs], marker="o", label=f"text weight {w}")
+        ax.set_xlabel(f"transition mixture weight (history decay {best['mix_decay']}, {best['extra']} extra)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"Hybrid re-rank of the beam: {title}")
+    fig.suptitle(f"Hybrid ranking of the beam: {title}")
     save_figure(fig, path)
 
 

@@ -5,7 +5,10 @@ fingerprint, creation time, evaluation summary, and the sha256 of every file), `
 `sid_map.safetensors` (PID->SID, int64 [L, N]), `codebooks.safetensors` (quantizer centroids
 `codebook_<level>`, and optionally `item_embeddings`, float16 [N, D]: the base items' text
 embeddings in the codebooks' space, which the cold-start blend compares with new items'),
-`item_ids.json` (internal index -> external id), `metrics.json`, an optional `report/` folder,
+`item_ids.json` (internal index -> external id), `metrics.json`, an optional
+`transitions.safetensors` (the item -> next-item table of the training sequences, CSR over the
+internal indices: `indptr` int64 [N+1], `indices` int32 [nnz], `values` float32 [nnz]; see
+model/transitions.py), an optional `report/` folder,
 and an optional `items.jsonl`: one JSON object per line, {"item_id", "text", "attributes"} for
 the base items (attributes: name -> list of strings), so filters work on day one and a new model
 can re-quantize the items' text. Bundles without it load with no attributes and no text.
@@ -33,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from sidrec.model.attributes import check_attributes
 from sidrec.model.config import ModelConfig
 from sidrec.model.transformer import SIDTransformer
+from sidrec.model.transitions import TRANSITIONS_FILE, Transitions
 
 FORMAT_VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "sid_map.safetensors", "item_ids.json")
@@ -57,6 +61,7 @@ class Bundle:
     metrics: dict[str, Any] = field(default_factory=dict)
     item_attributes: list[dict[str, list[str]] | None] | None = None  # per internal index, from items.jsonl
     item_texts: list[str | None] | None = None
+    transitions: Transitions | None = None
 
     @property
     def version(self) -> str:
@@ -82,7 +87,8 @@ def _write_json(path: Path, obj: Any) -> None:
 def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, item_ids: list[str],
                 codebooks: dict[str, torch.Tensor] | None = None, metrics: dict[str, Any] | None = None,
                 extra_config: dict[str, Any] | None = None, report_dir: str | Path | None = None,
-                overwrite: bool = False, items: list[dict[str, Any]] | None = None) -> Path:
+                overwrite: bool = False, items: list[dict[str, Any]] | None = None,
+                transitions: Transitions | None = None) -> Path:
     """Write a complete bundle at `path` atomically (temp dir + rename). Returns the path.
 
     items: optional base-item records {"item_id", "text", "attributes"} written as items.jsonl
@@ -113,6 +119,11 @@ def save_bundle(path: str | Path, model: SIDTransformer, sid_map: torch.Tensor, 
             raise BundleError(f"{ITEM_EMBEDDINGS} must have one row per item ({len(item_ids)}), got "
                               f"{tuple(books[ITEM_EMBEDDINGS].shape)}")
         save_file(books or {"empty": torch.zeros(0)}, str(tmp / "codebooks.safetensors"))
+        if transitions is not None:
+            if transitions.num_items != len(item_ids):
+                raise BundleError(f"the transition table covers {transitions.num_items} items, the bundle "
+                                  f"{len(item_ids)}")
+            save_file({k: v.contiguous() for k, v in transitions.tensors().items()}, str(tmp / TRANSITIONS_FILE))
         _write_json(tmp / "item_ids.json", list(item_ids))
         _write_json(tmp / "metrics.json", metrics or {})
         if items is not None:
@@ -240,6 +251,12 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bo
         if emb is not None and (emb.dim() != 2 or emb.shape[0] != len(item_ids)):
             raise BundleError(f"{path / 'codebooks.safetensors'}: {ITEM_EMBEDDINGS} has shape {tuple(emb.shape)}, "
                               f"expected one row for each of the {len(item_ids)} items")
+    transitions = None
+    if (path / TRANSITIONS_FILE).is_file():
+        try:
+            transitions = Transitions.from_tensors(load_file(str(path / TRANSITIONS_FILE)), len(item_ids))
+        except ValueError as e:
+            raise BundleError(f"{path / TRANSITIONS_FILE}: {e}") from None
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
     item_ids = list(map(str, item_ids))
     attrs = texts = None
@@ -247,4 +264,5 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", verify: bo
         f = path / "items.jsonl"
         # split on "\n" only: str.splitlines would also split inside a text holding U+2028
         attrs, texts = _parse_items(f.read_text(encoding="utf-8").split("\n"), item_ids, str(f))
-    return Bundle(path, config, mcfg, model, sid_map.to(torch.int64), item_ids, codebooks, metrics, attrs, texts)
+    return Bundle(path, config, mcfg, model, sid_map.to(torch.int64), item_ids, codebooks, metrics, attrs, texts,
+                  transitions)

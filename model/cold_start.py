@@ -56,6 +56,7 @@ from sidrec.kernels.level_mask import index_tensor
 from sidrec.model.attributes import AttributeIndex
 from sidrec.model.beam_search import BeamResult
 from sidrec.model.live_trie import TrieSnapshot
+from sidrec.model.transitions import TransitionOptions, Transitions, add_next_items, lookup, mix_scores
 
 MODES = ("off", "dense", "prefix")
 
@@ -113,6 +114,29 @@ def reconstructions(codebooks: Sequence[Tensor], sids: Tensor) -> Tensor:
     for lv in range(1, len(codebooks)):
         rec += codebooks[lv][sids[lv]]
     return torch.nn.functional.normalize(rec.float(), dim=-1)
+
+
+def allowed(snap: TrieSnapshot, attributes: AttributeIndex, items: Tensor,
+            exclude: Sequence[Sequence[int]] | None,
+            filters: Sequence[Mapping[str, list[str]] | None] | None) -> Tensor:
+    """(B, M) bool: which of `items` (B, M; negative = an empty slot) request b may receive: served
+    by the snapshot, not deleted or retired in it, not excluded, passing the request's filter.
+    The same rules the beam's masks apply (model/request_masks.py), for items added beside it."""
+    items = items.cpu().to(torch.int64)
+    ok = (items >= 0) & (items < snap.n_items)
+    if items.numel() == 0:
+        return ok
+    safe = torch.where(ok, items, torch.zeros_like(items))
+    if snap.leaf_valid is not None:  # deletions and stale leaves, as the beam's global mask
+        leaves = index_tensor(snap.trie.item_leaf)[safe.reshape(-1).to(snap.trie.device)]
+        ok &= snap.leaf_valid[leaves].cpu().view(items.shape)
+    for b in range(items.shape[0]):
+        if exclude is not None and len(exclude[b]):
+            ok[b] &= ~torch.isin(items[b], torch.as_tensor(list(exclude[b]), dtype=torch.int64))
+        if filters is not None and filters[b] is not None:
+            for name, values in filters[b].items():
+                ok[b] &= torch.isin(items[b], attributes.matching(name, values))
+    return ok
 
 
 class ColdStart:
@@ -219,19 +243,7 @@ class ColdStart:
         (not deleted or retired in the snapshot, not excluded, passing the request's filter)."""
         items = self.cold_tensor()
         items = items[items < snap.n_items]  # (M,): the ones this snapshot serves
-        ok = torch.ones(batch, items.numel(), dtype=torch.bool)
-        if items.numel() == 0:
-            return items, ok
-        if snap.leaf_valid is not None:  # deletions and stale leaves, as the beam's global mask
-            leaves = index_tensor(snap.trie.item_leaf)[items.to(snap.trie.device)]
-            ok &= snap.leaf_valid[leaves].cpu()[None]
-        for b in range(batch):
-            if exclude is not None and len(exclude[b]):
-                ok[b] &= ~torch.isin(items, torch.as_tensor(list(exclude[b]), dtype=torch.int64))
-            if filters is not None and filters[b] is not None:
-                for name, values in filters[b].items():
-                    ok[b] &= torch.isin(items, attributes.matching(name, values))
-        return items, ok
+        return items, allowed(snap, attributes, items.expand(batch, -1), exclude, filters)
 
     # ---- scores ---------------------------------------------------------------------------------
     def dense_scores(self, opts: ColdStartOptions, histories: Sequence[Sequence[int]], sid_map: Tensor,
@@ -272,17 +284,24 @@ class ColdStart:
 
     # ---- the hybrid re-rank of the beam ---------------------------------------------------------
     def rerank(self, opts: RerankOptions, res: BeamResult, histories: Sequence[Sequence[int]], sid_map: Tensor,
-               keep: int, max_history: int) -> BeamResult:
+               keep: int, max_history: int, p_next: Tensor | None = None, mix_weight: float = 0.0) -> BeamResult:
         """The beam's items re-scored `score + weight * (cos - 1)` (cos: the item's vector against
-        the history's profile; an empty history keeps the beam's scores), sorted, best `keep`."""
+        the history's profile; an empty history keeps the beam's scores), sorted, best `keep`.
+        With `p_next` (B, N), `score` is first the transition mixture's (model/transitions.py:
+        `mix_scores` with `mix_weight`)."""
         sids = sid_map.to("cpu", torch.int64)
         items, scores = res.items.cpu(), res.scores.cpu().float()
         B, N = items.shape
         n_valid = res.n_valid.cpu()
         valid = torch.arange(N)[None, :] < n_valid[:, None]
-        vec = self.vectors(items.clamp(min=0).reshape(-1), sids).view(B, N, -1)
-        prof, has = self.profiles(histories, sids, opts.decay, max_history)
-        new = rerank_scores(scores, valid, torch.einsum("bnd,bd->bn", vec, prof), has, opts.weight)
+        if p_next is not None:
+            scores = mix_scores(scores, p_next, mix_weight)
+        if opts.weight > 0:
+            vec = self.vectors(items.clamp(min=0).reshape(-1), sids).view(B, N, -1)
+            prof, has = self.profiles(histories, sids, opts.decay, max_history)
+            new = rerank_scores(scores, valid, torch.einsum("bnd,bd->bn", vec, prof), has, opts.weight)
+        else:
+            new = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
         # by (-score, beam rank): equal scores keep the beam's order
         order = torch.argsort(new, dim=1, descending=True, stable=True)[:, :keep]
         out_items = torch.where(torch.gather(valid, 1, order), torch.gather(items, 1, order), -1)
@@ -349,3 +368,21 @@ class ColdStart:
             n_out[b] = n
         dev = res.items.device
         return BeamResult(out_items.to(dev), out_sids.to(dev), out_scores.to(dev), n_out.to(dev))
+
+
+def hybrid_rerank(store: ColdStart, text: RerankOptions, table: Transitions | None, mix: TransitionOptions,
+                  res: BeamResult, histories: Sequence[Sequence[int]], sid_map: Tensor, keep: int,
+                  max_history: int, allowed=None) -> BeamResult:
+    """The served ranking of a beam result (the engine's and the offline evaluation's one path):
+    the transition mixture's extra next items added (`allowed` as in `add_next_items`), every
+    item's p(SID) mixed with p(next) (model/transitions.py), then the text re-rank, sorted, best
+    `keep`. Neither on (both weights 0, or no table): `res` unchanged."""
+    mixing = table is not None and mix.weight > 0
+    if not mixing and text.weight <= 0:
+        return res
+    p_next = None
+    if mixing:
+        dists = table.dists(histories, mix.decay, max_history)  # once per request, for both uses
+        res = add_next_items(res, dists, mix, sid_map, allowed)
+        p_next = lookup(dists, res.items)
+    return store.rerank(text, res, histories, sid_map, keep, max_history, p_next, mix.weight)

@@ -25,9 +25,11 @@ from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.attributes import AttributeIndex, check_attributes, check_filter
 from sidrec.model.beam_search import BeamResult, beam_search, encode_histories, score_items
 from sidrec.model.bundle import ITEM_EMBEDDINGS, Bundle, load_bundle
-from sidrec.model.cold_start import ColdStart, ColdStartOptions, RerankOptions
+from sidrec.model.cold_start import ColdStart, ColdStartOptions, RerankOptions, hybrid_rerank
+from sidrec.model.cold_start import allowed as allowed_items
 from sidrec.model.live_trie import LiveCatalogue
 from sidrec.model.request_masks import FilterMaskCache, batch_masks
+from sidrec.model.transitions import TransitionOptions
 
 
 def cpu_has_native_bf16() -> bool:
@@ -82,12 +84,23 @@ class EngineOptions:
     # py): its knobs are those the bundle's training run chose on validation (`eval.rerank_*` in
     # its pipeline config; off where it names none); a weight here overrides the bundle's (0: off).
     rerank_weight: float | None = None
+    # The transition mixture (model/transitions.py): p(SID) mixed with p(next item) from the
+    # bundle's transition table, with the knobs its training run chose on validation
+    # (`eval.transitions_*`; off where it names none or has no table); a weight here overrides.
+    transitions_weight: float | None = None
 
 
 def bundle_rerank(config: Mapping[str, Any]) -> RerankOptions:
     """The re-rank knobs a bundle's training run chose (its pipeline config's eval section)."""
     ev = (config.get("pipeline") or {}).get("eval") or {}
     return RerankOptions(float(ev.get("rerank_weight", 0.0)), float(ev.get("rerank_decay", 0.4)))
+
+
+def bundle_transitions(config: Mapping[str, Any]) -> TransitionOptions:
+    """The transition mixture's knobs a bundle's training run chose (pipeline config, eval)."""
+    ev = (config.get("pipeline") or {}).get("eval") or {}
+    return TransitionOptions(float(ev.get("transitions_weight", 0.0)), float(ev.get("transitions_decay", 0.1)),
+                             int(ev.get("transitions_extra", 0)))
 
 
 class CatalogueIds:
@@ -146,6 +159,12 @@ class RecommendEngine(CatalogueIds):
             self.rerank = replace(self.rerank, weight=self.options.rerank_weight)
         if not self.cold.can_score_dense:  # no item vectors to compare
             self.rerank = replace(self.rerank, weight=0.0)
+        self.transitions = getattr(bundle, "transitions", None)
+        self.mix = bundle_transitions(bundle.config)
+        if self.options.transitions_weight is not None:
+            self.mix = replace(self.mix, weight=self.options.transitions_weight)
+        if self.transitions is None:  # a bundle without a table: nothing to mix
+            self.mix = replace(self.mix, weight=0.0)
         self.filter_masks = FilterMaskCache()  # propagated rows of recent filters (popular ones repeat)
         self.beam_step = get_beam_step(self.device, self.options.beam_step)
         self.decoder = self.model  # what beam search runs: the module itself, or its ONNX export
@@ -159,6 +178,14 @@ class RecommendEngine(CatalogueIds):
     def from_path(cls, path: str, options: EngineOptions | None = None) -> "RecommendEngine":
         opts = options or EngineOptions()
         return cls(load_bundle(path, device=opts.device), opts)
+
+    @property
+    def ranking(self) -> dict[str, Any]:
+        """The ranking stages this engine serves after the beam, with their knobs (GET /v1/model)."""
+        t = self.transitions
+        return {"text_rerank": {"weight": self.rerank.weight, "decay": self.rerank.decay},
+                "transitions": {"weight": self.mix.weight, "decay": self.mix.decay, "extra": self.mix.extra,
+                                "table_entries": None if t is None else t.nnz}}
 
     @property
     def trie(self) -> PrefixTrie:
@@ -286,16 +313,20 @@ class RecommendEngine(CatalogueIds):
         snap = self.catalogue.snapshot  # one consistent trie + masks for the whole request
         src, mask = encode_histories(histories, self.sid_map, self.model.offsets, self.cfg.max_history, self.device)
         masks = batch_masks(snap, self.attributes, B, exclude, filters, self.filter_masks)
-        opts, rerank = self.options.cold_start, self.rerank
+        opts, rerank, mix = self.options.cold_start, self.rerank, self.mix
         mode = opts.mode if self.cold.has_cold else "off"
+        hybrid = rerank.weight > 0 or mix.weight > 0
         # prefix mode reads every returned beam, and the re-rank re-sorts them all
-        n_beam = max(top_n, min(widths)) if mode == "prefix" or rerank.weight > 0 else top_n
+        n_beam = max(top_n, min(widths)) if mode == "prefix" or hybrid else top_n
         with self._lock, torch.inference_mode(), self._autocast():
             res = beam_search(self.decoder, snap.trie, src, mask, widths if len(set(widths)) > 1 else widths[0],
                               n_beam, beam_step=self.beam_step, masks=masks)
-        if rerank.weight > 0:
-            res = self.cold.rerank(rerank, res, histories, self.sid_map, n_beam if mode == "prefix" else top_n,
-                                   self.cfg.max_history)
+        if hybrid:
+            def may_receive(items: Tensor) -> Tensor:
+                return allowed_items(snap, self.attributes, items, exclude, filters)
+
+            res = hybrid_rerank(self.cold, rerank, self.transitions, mix, res, histories, self.sid_map,
+                                n_beam if mode == "prefix" else top_n, self.cfg.max_history, may_receive)
         if mode == "off":
             return res
         sid_map = self.sid_map

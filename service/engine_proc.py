@@ -69,6 +69,7 @@ class BundleInfo:
     sid_map: torch.Tensor  # (L, N)
     item_ids: list[str]
     codebooks: dict[str, torch.Tensor] = field(default_factory=dict)
+    ranking: dict[str, Any] = field(default_factory=dict)  # RecommendEngine.ranking of the child
 
     @property
     def version(self) -> str:
@@ -111,7 +112,8 @@ def _serve(conn, path: str, options) -> None:
         conn.send(("error", type(e).__name__, str(e)))
         return
     b = engine.bundle
-    conn.send(("ready", {"config": b.config, "metrics": b.metrics, "sid_map": b.sid_map.cpu(), "item_ids": b.item_ids}))
+    conn.send(("ready", {"config": b.config, "metrics": b.metrics, "sid_map": b.sid_map.cpu(), "item_ids": b.item_ids,
+                         "ranking": engine.ranking}))
     while True:
         try:
             call_id, method, args, kwargs = conn.recv()
@@ -177,6 +179,10 @@ class EngineProcess(CatalogueIds):
         return cls(proc, parent, info, path, options, policy)
 
     # --- the RecommendEngine surface ------------------------------------------------------------
+
+    @property
+    def ranking(self) -> dict[str, Any]:
+        return self.bundle.ranking
 
     def recommend(self, histories, beam_width, top_n, exclude=None, **kw) -> BeamResult:
         return self._call("recommend", histories, beam_width, top_n, exclude=exclude, **kw)

@@ -94,7 +94,7 @@ class ModelSlot:
         opts = EngineOptions(device=s.device, beam_step=s.beam_step, dtype=s.dtype,
                              max_beam_width=max(s.max_beam_width, 1), num_threads=s.num_threads,
                              cold_start=ColdStartOptions(mode=s.cold_start),
-                             rerank_weight=s.rerank_weight)
+                             rerank_weight=s.rerank_weight, transitions_weight=s.transitions_weight)
         try:
             if s.engine_process:
                 policy = HangPolicy(s.engine_hang_timeout_s, s.engine_hang_slack)

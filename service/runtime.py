@@ -259,7 +259,8 @@ class ServiceRuntime:
                     "default_beam_width": s.default_beam_width},
             num_masked=len(self.masked), catalogue_version=slot.catalogue_version,
             catalogue={**(slot.follower.describe() if slot.follower else {}),
-                       "embedding": slot.items.embedder.describe() if slot.items and slot.items.embedder else None})
+                       "embedding": slot.items.embedder.describe() if slot.items and slot.items.embedder else None},
+            ranking=getattr(engine, "ranking", {}))
 
     async def readiness(self) -> dict[str, Any]:
         slot = self.slot

@@ -62,8 +62,10 @@ class RecommendRequest(Strict):
 class RecommendedItem(BaseModel):
     item_id: str
     score: float = Field(description="The ranking score: the log-probability of the item's whole SID under the "
-                                     "model, plus the text-similarity term where the bundle's re-rank or the "
-                                     "cold-start blend applies (model/cold_start.py).")
+                                     "model; where the bundle's transition mixture is on, the log of its mixture "
+                                     "with the next-item probability (model/transitions.py); plus the "
+                                     "text-similarity term where the bundle's re-rank or the cold-start blend "
+                                     "applies (model/cold_start.py). GET /v1/model names the stages served.")
     sid: list[int] | None = None
 
 
@@ -195,6 +197,9 @@ class ModelInfo(BaseModel):
     num_masked: int
     catalogue_version: int
     catalogue: dict[str, Any]
+    ranking: dict[str, Any] = Field(default_factory=dict, description=(
+        "The stages that re-score the beam's items, with the knobs this replica serves: the text re-rank "
+        "and the transition mixture (weight 0: off)."))
 
 
 # --- the living catalogue ---------------------------------------------------------------------------

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     # The hybrid re-rank of the beam's items by text similarity to the history (model/cold_start.py).
     # None: the weight the bundle's training run chose on validation; 0 turns it off.
     rerank_weight: float | None = Field(default=None, ge=0.0, le=1000.0)
+    # The transition mixture: p(SID) mixed with p(next item) from the bundle's transition table
+    # (model/transitions.py). None: the weight the bundle's training run chose; 0 turns it off.
+    transitions_weight: float | None = Field(default=None, ge=0.0, lt=1.0)
 
     # Model lifecycle (service.lifecycle): load a new version beside the running one, switch, roll back.
     # Bundles an admin reload may name must lie under this folder (None: the parent of bundle_path).

@@ -217,31 +217,36 @@ def test_missing_selection_names_how_the_nearest_record_differs(tmp_path):
 
 def test_rerank_tune_chooses_on_validation_and_the_pipeline_scores_the_same_knobs(tmp_path, hashed_embeddings,
                                                                                    capsys):
-    """benchmarks/rerank_tune.py on a select run: its weight-0 row is the select run's own
-    validation score, it picks the grid's best NDCG@10, and a select run evaluated with the
-    chosen knobs (the engine's re-rank code, through training.evaluate) scores what the tuner's
-    numpy twin said. A grid on test is refused."""
+    """benchmarks/rerank_tune.py on a select run: its all-off row is the select run's own
+    validation score, its table-alone row the pipeline's baseline, it picks the grid's best
+    NDCG@10, and a select run evaluated with a grid point's knobs (the transition mixture with
+    extra next items and the text re-rank: the engine's `hybrid_rerank`, through
+    training.evaluate) scores what the tuner said. A grid on test is refused."""
     tune = _script("rerank_tune")
     data, _ = __import__("sidrec.training.protocol", fromlist=["resolve_data"]).resolve_data("synthetic:60x150")
     cfg, reg, quiet = PipelineConfig.from_dict(TINY), tmp_path / "sel", (lambda s: None)
     s, _, _ = run_protocol("select", cfg, data, None, tmp_path / "run", reg, "tiny", log=quiet)
     capsys.readouterr()
     assert tune.main([str(tmp_path / "run"), "--data", "synthetic:60x150", "--weights", "0", "1", "4", "50",
-                      "--decays", "0.4", "1.0"]) == 0
+                      "--decays", "0.4", "1.0", "--mix-weights", "0", "0.5", "--mix-decays", "0.1",
+                      "--extras", "0", "5"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     grid = json.loads((tmp_path / "run" / "rerank_tune-valid.json").read_text())["grid"]
-    assert len(grid) == 8 and (tmp_path / "run" / "rerank_tune-valid.png").read_bytes()[:4] == b"\x89PNG"
+    # mix 0: 4 weights x 2 decays; mix 0.5: x 2 extras
+    assert len(grid) == 8 + 16 and (tmp_path / "run" / "rerank_tune-valid.png").read_bytes()[:4] == b"\x89PNG"
     for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
         assert res["off"][k] == pytest.approx(s["valid"][k], abs=1e-5)
+        assert res["transitions_alone"]["0.1"][k] == pytest.approx(s["valid"]["transitions_alone"][k], abs=1e-5)
     assert res["best"]["ndcg@10"] == max(r["ndcg@10"] for r in grid)
-    assert len({r["ndcg@10"] for r in grid}) > 1, "the re-rank changed nothing on any knob"
+    assert len({r["ndcg@10"] for r in grid}) > 1, "the hybrid ranking changed nothing on any knob"
 
-    w, d = res["best"]["weight"], res["best"]["decay"]
-    chosen = next(r for r in grid if r["weight"] == 50 and r["decay"] == 1.0) if w == 0 else res["best"]
-    w, d = chosen["weight"], chosen["decay"]
-    on = apply_overrides(cfg, {"eval.rerank_weight": w, "eval.rerank_decay": d})
+    chosen = next(r for r in grid if r["mix_weight"] == 0.5 and r["extra"] == 5 and r["weight"] == 4
+                  and r["decay"] == 1.0)
+    on = apply_overrides(cfg, {"eval.rerank_weight": 4.0, "eval.rerank_decay": 1.0, "eval.transitions_weight": 0.5,
+                               "eval.transitions_decay": 0.1, "eval.transitions_extra": 5})
     s2, _, _ = run_protocol("select", on, data, None, tmp_path / "run", reg, "tiny", log=quiet)
-    assert s2["rerank"] == {"weight": w, "decay": d, "vectors": "text embeddings"}
+    assert s2["rerank"] == {"weight": 4.0, "decay": 1.0, "vectors": "text embeddings"}
+    assert s2["transitions"]["weight"] == 0.5 and s2["transitions"]["fit_on"] == "train"
     for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
         assert s2["valid"][k] == pytest.approx(chosen[k], abs=1e-5)
 

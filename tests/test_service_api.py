@@ -43,6 +43,9 @@ def test_health_ready_model_metrics(client):
     assert info["num_items"] == 300 and info["sid_layout"]["cardinalities"] == [8, 8, 8, 4]
     assert info["metrics"] == {"test": {"R@10": 0.1}} and info["index"]["backend"] == "in_process"
     assert info["version"] == ready["model_version"]
+    # a bundle without a transition table or item vectors: the beam's order, stated as such
+    assert info["ranking"]["transitions"]["weight"] == 0 and info["ranking"]["transitions"]["table_entries"] is None
+    assert info["ranking"]["text_rerank"]["weight"] == 0
     client.post("/v1/recommend", json={"history": ["item1"]})
     text = client.get("/metrics").text
     for name in ("sidrec_requests_total", "sidrec_request_latency_seconds", "sidrec_queue_time_seconds",

@@ -125,14 +125,33 @@ class EvalConfig:
     # (benchmarks/rerank_tune.py); the exported bundle carries it, and the service applies it.
     rerank_weight: float = 0.0
     rerank_decay: float = 0.4
+    # The transition mixture (model.transitions): the beam's p(SID) mixed with p(next item) from
+    # the sequences the model was fit on; weight 0 = off. The table's shape (window, gap_decay,
+    # top_k) and the mixture's knobs (weight, decay, extra) are chosen on a select run's
+    # validation users (benchmarks/rerank_tune.py); the bundle carries table and knobs.
+    transitions_weight: float = 0.0
+    transitions_decay: float = 0.1
+    transitions_extra: int = 0
+    transitions_window: int = 5
+    transitions_gap_decay: float = 0.7
+    transitions_top_k: int = 100
 
     def __post_init__(self) -> None:
         from sidrec.model.cold_start import RerankOptions
+        from sidrec.model.transitions import TransitionOptions
 
         try:  # the same bounds as the engine's
             RerankOptions(self.rerank_weight, self.rerank_decay)
         except ValueError as e:
             raise ValueError(f"eval.rerank_weight / eval.rerank_decay: {e}") from None
+        try:
+            TransitionOptions(self.transitions_weight, self.transitions_decay, self.transitions_extra)
+        except ValueError as e:
+            raise ValueError(f"eval.transitions_weight / _decay / _extra: {e}") from None
+        if self.transitions_window < 1 or self.transitions_top_k < 1 or not 0 < self.transitions_gap_decay <= 1:
+            raise ValueError(f"eval.transitions_window and eval.transitions_top_k must be >= 1 and "
+                             f"eval.transitions_gap_decay in (0, 1]; got {self.transitions_window}, "
+                             f"{self.transitions_top_k}, {self.transitions_gap_decay}")
         bad = [s for s in self.splits if s not in ("valid", "test")]
         if bad or not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"eval.splits must be a non-empty list of distinct 'valid' / 'test', "

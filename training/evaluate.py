@@ -19,25 +19,34 @@ from tqdm import tqdm
 
 from sidrec.kernels.trie import PrefixTrie
 from sidrec.model.beam_search import beam_search, encode_histories
-from sidrec.model.cold_start import ColdStart, RerankOptions
+from sidrec.model.cold_start import ColdStart, RerankOptions, hybrid_rerank
 from sidrec.model.transformer import SIDTransformer
+from sidrec.model.transitions import TransitionOptions, Transitions
 
 SPLITS = ("valid", "test")
 
 
 @dataclass(frozen=True)
 class Reranker:
-    """The engine's hybrid re-rank for offline scoring: the item vectors (a ColdStart holding
-    every item's text embedding) and the knobs."""
+    """The engine's hybrid ranking for offline scoring (model.cold_start.hybrid_rerank): the item
+    vectors (a ColdStart holding every item's text embedding) and the text re-rank's knobs, the
+    transition table and the mixture's knobs."""
 
     store: ColdStart
     options: RerankOptions
+    transitions: Transitions | None = None
+    mix: TransitionOptions = TransitionOptions()
 
     @classmethod
     def from_run(cls, codebooks: Mapping[str, torch.Tensor], num_levels: int, embeddings: np.ndarray | None,
-                 options: RerankOptions) -> "Reranker":
+                 options: RerankOptions, transitions: Transitions | None = None,
+                 mix: TransitionOptions = TransitionOptions()) -> "Reranker":
         emb = None if embeddings is None else torch.as_tensor(np.asarray(embeddings), dtype=torch.float16)
-        return cls(ColdStart(codebooks, num_levels, emb), options)
+        return cls(ColdStart(codebooks or {}, num_levels, emb), options, transitions, mix)
+
+    def apply(self, res, histories: Sequence[Sequence[int]], sid_map: torch.Tensor, keep: int, max_history: int):
+        return hybrid_rerank(self.store, self.options, self.transitions, self.mix, res, histories, sid_map, keep,
+                             max_history)
 
 
 def split_targets(split, name: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -79,6 +88,22 @@ def popularity_metrics(train: Sequence[np.ndarray], targets: np.ndarray, num_ite
     return recall_ndcg(ranked, targets, ks)
 
 
+def transitions_ranking(table: Transitions, histories: Sequence[np.ndarray], n: int, decay: float,
+                        max_history: int) -> np.ndarray:
+    """(U, n) the transition table's own ranking (model.transitions: p_next alone, no model)."""
+    out = np.full((len(histories), n), -1, dtype=np.int64)
+    for u, h in enumerate(histories):
+        items, _ = table.top(h, n, decay, max_history)
+        out[u, : items.numel()] = items.numpy()
+    return out
+
+
+def transitions_metrics(table: Transitions, histories: Sequence[np.ndarray], targets: np.ndarray, decay: float,
+                        max_history: int, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """The baseline the mixture must beat: the next-item table alone, on the same split."""
+    return recall_ndcg(transitions_ranking(table, histories, max(ks), decay, max_history), targets, ks)
+
+
 @torch.no_grad()
 def rank_users(model: SIDTransformer, trie: PrefixTrie, sid_map: torch.Tensor, histories: Sequence[np.ndarray],
                beam: int, top_n: int, batch_size: int = 128, dtype: torch.dtype | None = None,
@@ -107,8 +132,7 @@ def rank_users(model: SIDTransformer, trie: PrefixTrie, sid_map: torch.Tensor, h
         with ac:
             res = beam_search(model, trie, src, mask, beam, beam if rerank is not None else top_n, **kwargs)
         if rerank is not None:
-            res = rerank.store.rerank(rerank.options, res, [histories[i] for i in idx], sid_dev, top_n,
-                                      model.cfg.max_history)
+            res = rerank.apply(res, [histories[i] for i in idx], sid_dev, top_n, model.cfg.max_history)
         out[idx] = res.items[:, :top_n].cpu().numpy()
         out_s[idx] = res.scores[:, :top_n].float().cpu().numpy()
     model.train(was_training)

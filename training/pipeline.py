@@ -53,6 +53,7 @@ class Run:
     # Merged into metrics.json by the evaluate stage: protocol, recipe, selected_on ...
     # (training.protocol.provenance); not part of any fingerprint.
     provenance: dict[str, Any] = field(default_factory=dict)
+    transitions: Any = None  # model.transitions.Transitions of the fit sequences (run_transitions)
 
     def stamp_path(self, stage: str) -> Path:
         return self.out / "stages" / f"{stage}.json"
@@ -256,8 +257,28 @@ def stage_evaluate(run: Run) -> dict:
     return metrics
 
 
+def fit_sequences(run: Run) -> list[np.ndarray]:
+    """The sequences the model was fit on: seq[:-2] (train), or seq[:-1] (train + valid)."""
+    return run.split.test_history if seen_validation_targets(run.cfg.train) else run.split.train
+
+
+def run_transitions(run: Run):
+    """The item-transition table of the sequences the model was fit on (model.transitions), with
+    the run's eval.transitions_* shape; built once per run (seconds), and never from a split's
+    targets the model did not train on."""
+    from sidrec.model.transitions import Transitions
+
+    ce = run.cfg.eval
+    if run.transitions is None:
+        if run.split is None:
+            stage_data(run)
+        run.transitions = Transitions.fit(fit_sequences(run), run.data.num_items, ce.transitions_window,
+                                          ce.transitions_gap_decay, ce.transitions_top_k)
+    return run.transitions
+
+
 def _score_splits(run: Run) -> dict:
-    from sidrec.training.evaluate import evaluate, popularity_metrics, split_targets
+    from sidrec.training.evaluate import evaluate, popularity_metrics, split_targets, transitions_metrics
     from sidrec.training.train import autocast_dtype
 
     ce, c, sp = run.cfg.eval, run.cfg.train, run.split
@@ -272,17 +293,27 @@ def _score_splits(run: Run) -> dict:
         "checkpoint_selected_on": "validation" if c.fit_on == "train" else "last epoch",
     }
     rerank = None
-    if ce.rerank_weight > 0:
+    if ce.rerank_weight > 0 or ce.transitions_weight > 0:
         from sidrec.model.cold_start import RerankOptions
+        from sidrec.model.transitions import TransitionOptions
         from sidrec.training.evaluate import Reranker
 
-        if not run.codebooks:
+        if ce.rerank_weight > 0 and not run.codebooks:
             raise ValueError("eval.rerank_weight > 0 needs item vectors: this run's quantizer kept no codebooks")
-        books = bundle_books(run)
+        books = bundle_books(run) if ce.rerank_weight > 0 else {}
+        table = run_transitions(run) if ce.transitions_weight > 0 else None
         rerank = Reranker.from_run(run.codebooks, run.layout.num_levels, books.get(ITEM_EMBEDDINGS),
-                                   RerankOptions(ce.rerank_weight, ce.rerank_decay))
-        metrics["rerank"] = {"weight": ce.rerank_weight, "decay": ce.rerank_decay,
-                             "vectors": "text embeddings" if ITEM_EMBEDDINGS in books else "SID reconstructions"}
+                                   RerankOptions(ce.rerank_weight, ce.rerank_decay), table,
+                                   TransitionOptions(ce.transitions_weight, ce.transitions_decay,
+                                                     ce.transitions_extra))
+        if ce.rerank_weight > 0:
+            metrics["rerank"] = {"weight": ce.rerank_weight, "decay": ce.rerank_decay,
+                                 "vectors": "text embeddings" if ITEM_EMBEDDINGS in books else "SID reconstructions"}
+        if table is not None:
+            metrics["transitions"] = {"weight": ce.transitions_weight, "decay": ce.transitions_decay,
+                                      "extra": ce.transitions_extra, "window": ce.transitions_window,
+                                      "gap_decay": ce.transitions_gap_decay, "top_k": ce.transitions_top_k,
+                                      "nnz": table.nnz, "fit_on": run.cfg.train.fit_on}
     t = time.time()
     for name in ce.splits:
         if name == "valid" and seen_validation_targets(c):
@@ -296,6 +327,8 @@ def _score_splits(run: Run) -> dict:
                      wide_users=ce.wide_users, batch_size=ce.batch_size, dtype=dtype, progress=True,
                      rerank=rerank)
         m["popularity"] = popularity_metrics(sp.train, tgt, run.data.num_items, ks=(5, 10))
+        m["transitions_alone"] = transitions_metrics(run_transitions(run), hist, tgt, ce.transitions_decay,
+                                                     run.model.cfg.max_history, ks=(5, 10))
         metrics[name] = m
     if metrics.get("test"):  # the flat keys the bundle and older readers know
         metrics.update({"split": "test (leave-one-out)", **metrics["test"]})
@@ -349,7 +382,8 @@ def stage_export(run: Run, bundle_dir: Path | None = None) -> Path:
              "evaluation": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
              "pipeline": run.cfg.to_dict()}
     path = save_bundle(bundle_dir, run.model, run.sid_map, d.item_ids, codebooks=bundle_books(run), metrics=metrics,
-                       extra_config=extra, report_dir=run.out / "report", overwrite=True, items=bundle_items(run))
+                       extra_config=extra, report_dir=run.out / "report", overwrite=True, items=bundle_items(run),
+                       transitions=run_transitions(run))
     run.stamp("export", fingerprint(run.fps.get("evaluate"), str(path)), bundle=str(path))
     run.log(f"export: bundle written to {path}")
     return path
