@@ -2,7 +2,7 @@
 trained bundle with its ranking stages switched on one at a time, side by side in one run.
 
 Modes (the same engine options except the two weights):
-* beam: the constrained beam's own order (transition and text weights 0);
+* beam-only: the constrained beam's own order (transition and text weights 0);
 * +text: the text re-rank alone (the bundle's weight, transitions 0);
 * +transitions: the transition mixture alone (the bundle's knobs, text 0);
 * hybrid: both, as the bundle serves by default.
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     if not hists:
         hists = [rng.integers(0, bundle.num_items, rng.integers(1, 20)).tolist() for _ in range(a.requests)]
     base = dict(dtype="float32", num_threads=a.threads)
-    modes = {"beam": dict(rerank_weight=0.0, transitions_weight=0.0),
+    modes = {"beam-only": dict(rerank_weight=0.0, transitions_weight=0.0),
              "+text": dict(transitions_weight=0.0), "+transitions": dict(rerank_weight=0.0), "hybrid": {}}
     engines = {m: RecommendEngine(bundle, EngineOptions(**base, **kw)) for m, kw in modes.items()}
     knobs = {"text": engines["hybrid"].rerank.__dict__, "transitions": engines["hybrid"].mix.__dict__}
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
                         eng.recommend(hists[s: s + bs], beam, a.top_n)
                     times[m].append((time.perf_counter() - t) * 1000 / (len(hists) // bs * bs))
             row = {"beam": beam, "batch": bs, **{m: round(statistics.median(v), 3) for m, v in times.items()}}
-            row["hybrid_over_beam"] = round(row["hybrid"] / row["beam"], 3)
+            row["hybrid_over_beam_only"] = round(row["hybrid"] / row["beam-only"], 3)
             rows.append(row)
     for eng in engines.values():
         eng.close()

@@ -20,8 +20,9 @@ Run it on a select run (fit on train only), whose validation users the model nev
 
 `--split test` is refused unless the grid has at most two points: the chosen one and one with a
 knob off, a score on test for an ablation table row, never a grid to choose from. Writes
-rerank_tune-<split>.json and rerank_tune-<split>.png (NDCG@5 and @10 against the mixture weight,
-one line per text weight, at the best other knobs) into the run directory, and one JSON line last.
+rerank_tune-<split>.json (this run's grid) and rerank_tune-<split>.png (NDCG@5 and @10 against the
+mixture weight, one line per text weight, at the best other knobs) into the run directory, appends
+the run's summary to rerank_tune-<split>.jsonl (every run's, kept), and prints one JSON line last.
 """
 from __future__ import annotations
 
@@ -236,15 +237,19 @@ def main(argv=None) -> int:
     tmp = a.run_dir / f"rerank_tune-{a.split}.json.tmp"
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(a.run_dir / f"rerank_tune-{a.split}.json")
+    with open(a.run_dir / f"rerank_tune-{a.split}.jsonl", "a") as f:  # every run's summary, kept
+        f.write(json.dumps({k: v for k, v in out.items() if k != "grid"}) + "\n")
     if len(a.mix_weights) > 1:
-        plot(rows, best, a.run_dir / f"rerank_tune-{a.split}.png", f"{a.split}, beam {beam}")
+        plot(rows, best, a.run_dir / f"rerank_tune-{a.split}.png", f"{a.split}, beam {beam}",
+             alone.get(best["mix_decay"]))
     print(json.dumps({k: v for k, v in out.items() if k != "grid"}))
     return 0
 
 
-def plot(rows: list[dict], best: dict, path: Path, title: str) -> None:
+def plot(rows: list[dict], best: dict, path: Path, title: str, alone: dict | None = None) -> None:
     """NDCG@5 and @10 against the mixture weight, one line per text weight, at the best run's
-    other knobs (history decays and extra candidates)."""
+    other knobs (history decays and extra candidates); `alone`, the table's own metrics at the
+    best history decay, as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,6 +264,8 @@ def plot(rows: list[dict], best: dict, path: Path, title: str) -> None:
                   and (r["mix_weight"] == 0 or (r["mix_decay"] == best["mix_decay"] and r["extra"] == best["extra"]))]
             rs.sort(key=lambda r: r["mix_weight"])
             ax.plot([r["mix_weight"] for r in rs], [r[key] for r in rs], marker="o", label=f"text weight {w}")
+        if alone:
+            ax.axhline(alone[key], color="grey", linestyle="--", label="the table alone")
         ax.set_xlabel(f"transition mixture weight (history decay {best['mix_decay']}, {best['extra']} extra)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
