@@ -270,16 +270,16 @@ class ColdStart:
         """((B, D) unit profiles, (B,) bool: the history had an item). A profile is the mean of the
         history's item vectors weighted decay**i for the i-th most recent; zero for an empty one."""
         B = len(histories)
+        kept = [list(h)[-max_history:] if max_history > 0 else [] for h in histories]
+        lens = torch.tensor([len(h) for h in kept], dtype=torch.int64)
         prof = torch.zeros(B, self.dim or 0)
-        has = torch.zeros(B, dtype=torch.bool)
-        for b, h in enumerate(histories):
-            h = list(h)[-max_history:] if max_history > 0 else []
-            if not h:
-                continue
-            rec = self.vectors(torch.as_tensor(h, dtype=torch.int64), sids)  # (T, D)
-            w = decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float32)  # most recent: 1
-            prof[b] = (w[:, None] * rec).sum(0)
-            has[b] = True
+        has = lens > 0
+        if bool(has.any()):  # every history's items in one gather, summed per history
+            flat = torch.tensor([i for h in kept for i in h], dtype=torch.int64)
+            row = torch.repeat_interleave(torch.arange(B), lens)
+            age = (torch.repeat_interleave(torch.cumsum(lens, 0), lens) - 1 - torch.arange(flat.numel())).float()
+            w = decay ** age  # most recent: 1
+            prof.index_add_(0, row, w[:, None] * self.vectors(flat, sids))
         return torch.nn.functional.normalize(prof, dim=-1), has
 
     # ---- the hybrid re-rank of the beam ---------------------------------------------------------

@@ -204,7 +204,7 @@ def add_next_items(res: BeamResult, dists: Sequence[tuple[Tensor, Tensor]], opts
     exclusions, filters, the catalogue's deletions); None allows all."""
     items, scores, n_valid = res.items.cpu(), res.scores.cpu().float(), res.n_valid.cpu()
     B, N = items.shape
-    if opts.extra <= 0 or B == 0:
+    if opts.extra <= 0 or B == 0 or N == 0:
         return res
     K = opts.extra
     pool = 2 * K + N  # enough once the beam's own and the disallowed are dropped, in nearly all cases
@@ -212,20 +212,22 @@ def add_next_items(res: BeamResult, dists: Sequence[tuple[Tensor, Tensor]], opts
     for b, d in enumerate(dists):
         best, _ = top(d, pool)
         cand[b, : best.numel()] = best
-    ok = cand >= 0
-    for b in range(B):
-        ok[b] &= ~torch.isin(cand[b], items[b, : int(n_valid[b])])
+    beam_ok = torch.arange(N)[None, :] < n_valid[:, None]  # (B, N) the beam's valid slots
+    beam_sorted = torch.where(beam_ok, items, torch.full_like(items, -2)).sort(1).values  # -2: no item
+    pos = torch.searchsorted(beam_sorted, cand).clamp(max=N - 1)
+    in_beam = torch.gather(beam_sorted, 1, pos) == cand
+    ok = (cand >= 0) & ~in_beam
     if allowed is not None:
         ok &= allowed(cand)
+    rank = torch.cumsum(ok.to(torch.int64), 1) - 1  # among a request's admissible candidates
+    keep = ok & (rank < K)
     new_items = torch.full((B, N + K), -1, dtype=torch.int64)
     new_scores = torch.full((B, N + K), float("-inf"))
-    new_n = n_valid.clone()
-    for b in range(B):
-        n = int(n_valid[b])
-        add = cand[b][ok[b]][:K]
-        new_items[b, :n], new_scores[b, :n] = items[b, :n], scores[b, :n]
-        new_items[b, n: n + add.numel()] = add
-        new_n[b] = n + add.numel()
+    new_items[:, :N] = torch.where(beam_ok, items, new_items[:, :N])
+    new_scores[:, :N] = torch.where(beam_ok, scores, new_scores[:, :N])
+    rows, cols = keep.nonzero(as_tuple=True)  # each after its request's valid beam items
+    new_items[rows, n_valid[rows] + rank[rows, cols]] = cand[rows, cols]
+    new_n = n_valid + keep.sum(1)
     L = sid_map.shape[0]
     sids = sid_map.to("cpu", torch.int64)[:, new_items.clamp(min=0).reshape(-1)].T.reshape(B, N + K, L)
     dev = res.items.device
