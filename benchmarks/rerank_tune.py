@@ -42,9 +42,11 @@ sys.path.insert(0, str(ROOT))
 from sidrec.kernels.trie import PrefixTrie  # noqa: E402
 from sidrec.model.bundle import ITEM_EMBEDDINGS  # noqa: E402
 from sidrec.model.cold_start import RerankOptions, rerank_scores  # noqa: E402
-from sidrec.model.transitions import TransitionOptions, Transitions, lookup, mix_scores, top  # noqa: E402
+from sidrec.model.beam_search import BeamResult  # noqa: E402
+from sidrec.model.transitions import TransitionOptions, Transitions, add_next_items, lookup, mix_scores  # noqa: E402
 from sidrec.training.config import PipelineConfig  # noqa: E402
-from sidrec.training.evaluate import Reranker, rank_users, recall_ndcg, split_targets  # noqa: E402
+from sidrec.training.evaluate import (Reranker, rank_users, recall_ndcg, split_targets,  # noqa: E402
+                                      transitions_metrics)
 from sidrec.training.pipeline import bundle_books, run_pipeline, run_transitions  # noqa: E402
 from sidrec.training.protocol import resolve_data  # noqa: E402
 from sidrec.training.train import autocast_dtype, build_model  # noqa: E402
@@ -78,27 +80,16 @@ def load_run(run_dir: Path, data_spec: str, device: str | None = None):
 
 
 def with_next_items(items: np.ndarray, scores: np.ndarray, hist, table: Transitions, decay: float, extra: int,
-                    max_history: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    max_history: int, sid_map: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidates (U, N + extra): the beam's items, then up to `extra` most likely next items the
-    beam missed (score -inf), as `add_next_items` orders them; their p_next (U, N + extra); and
-    (U,) how many extra each user got."""
-    U, N = items.shape
-    cand = np.full((U, N + extra), -1, dtype=np.int64)
-    cand[:, :N] = items
-    sc = np.full((U, N + extra), -np.inf, dtype=np.float32)
-    sc[:, :N] = scores
-    n_extra = np.zeros(U, dtype=np.int64)
+    beam missed (score -inf), by the engine's own `add_next_items`; their scores; and their p_next."""
+    n_valid = torch.as_tensor((items >= 0).sum(1))
+    it = torch.as_tensor(items)
+    res = BeamResult(it, sid_map[:, it.clamp(min=0).reshape(-1)].T.reshape(*it.shape, -1),
+                     torch.as_tensor(scores), n_valid)
     dists = table.dists(hist, decay, max_history)  # as hybrid_rerank: once per history
-    for u, d in enumerate(dists):
-        if extra:
-            best, _ = top(d, 2 * extra + N)
-            best = best.numpy()
-            best = best[~np.isin(best, items[u][items[u] >= 0])][:extra]
-            n = int((items[u] >= 0).sum())
-            cand[u, n + np.arange(len(best))] = best  # after the valid beam items (they come first)
-            n_extra[u] = len(best)
-    p = lookup(dists, torch.as_tensor(cand)).numpy()
-    return cand, sc, p, n_extra
+    res = add_next_items(res, dists, TransitionOptions(0.0, decay, extra), sid_map)
+    return res.items.numpy(), res.scores.numpy(), lookup(dists, res.items).numpy()
 
 
 def rescore(items: np.ndarray, scores: np.ndarray, p_next: np.ndarray | None, mix: float, cos: torch.Tensor | None,
@@ -184,11 +175,7 @@ def main(argv=None) -> int:
     table = run_transitions(run)  # the sequences the model was fit on
     alone = {}  # the table by itself, per decay: the baseline the mixture must beat
     for d in a.mix_decays:
-        ranked = np.full((len(hist), top_n), -1, dtype=np.int64)
-        for u, h in enumerate(hist):
-            it, _ = table.top(h, top_n, d, mh)
-            ranked[u, : it.numel()] = it.numpy()
-        alone[d] = {k: round(v, 5) for k, v in recall_ndcg(ranked, tgt, KS).items()}
+        alone[d] = {k: round(v, 5) for k, v in transitions_metrics(table, hist, tgt, d, mh, KS).items()}
 
     books = bundle_books(run)
     vectors = "text embeddings" if ITEM_EMBEDDINGS in books else "SID reconstructions"
@@ -198,7 +185,7 @@ def main(argv=None) -> int:
     rows = []
     e_max = max(a.extras)
     for md in a.mix_decays:
-        cand, sc, p_next, _ = with_next_items(items, scores, hist, table, md, e_max, mh)
+        cand, sc, p_next = with_next_items(items, scores, hist, table, md, e_max, mh, sids)
         n_beam = (items >= 0).sum(1)  # the extras follow each user's valid beam items
         for e in a.extras:
             # the first e extra candidates only (the rest invalid), as add_next_items would give

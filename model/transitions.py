@@ -162,10 +162,6 @@ class Transitions:
         p = np.bincount(inv, weights=self._np[2][pos] * np.repeat(w, lens), minlength=len(items))
         return torch.from_numpy(items), torch.from_numpy(p.astype(np.float32))
 
-    def lookup(self, histories: Sequence[Sequence[int]], items: Tensor, decay: float, max_history: int) -> Tensor:
-        """(B, N) p_next of `items` (B, N) (negative: an empty slot, 0)."""
-        return lookup(self.dists(histories, decay, max_history), items)
-
     def dists(self, histories: Sequence[Sequence[int]], decay: float, max_history: int) -> list[tuple[Tensor, Tensor]]:
         """`next_items` of each history."""
         return [self.next_items(h, decay, max_history) for h in histories]

@@ -16,7 +16,7 @@ from service_fixtures import random_model
 
 from sidrec.model.bundle import BundleError, load_bundle, save_bundle
 from sidrec.model.engine import EngineOptions, RecommendEngine
-from sidrec.model.transitions import TRANSITIONS_FILE, TransitionOptions, Transitions, mix_scores
+from sidrec.model.transitions import TRANSITIONS_FILE, TransitionOptions, Transitions, lookup, mix_scores
 
 LAYOUT = (4, 8, 8)
 N = 120
@@ -50,7 +50,7 @@ def test_next_items_weighs_the_history_by_recency_and_ignores_unknown_items():
     items, p = t.next_items([0, 1, 7], decay=0.5, max_history=2)
     assert items.tolist() == [2] and torch.allclose(p, torch.tensor([1.0]))
     assert t.next_items([], 0.5, 10)[0].numel() == 0 and t.next_items([9], 0.5, 10)[0].numel() == 0
-    got = t.lookup([[0, 1], [4]], torch.tensor([[2, 1, -1, 3], [2, 1, 0, 0]]), 0.5, 10)
+    got = lookup(t.dists([[0, 1], [4]], 0.5, 10), torch.tensor([[2, 1, -1, 3], [2, 1, 0, 0]]))
     assert torch.allclose(got, torch.tensor([[0.2 / 3 + 2 / 3, 0.8 / 3, 0, 0], [0, 0, 0, 0]]))
     top, ptop = t.top([0, 1], 1, 0.5, 10)
     assert top.tolist() == [2]
@@ -128,7 +128,7 @@ def test_engine_serves_the_mixture_over_the_beam_and_the_extra_next_items(bundle
             nxt, _ = table.top(h, 2 * 5 + 16, 0.5, on.cfg.max_history)
             extra = [i for i in nxt.tolist() if i not in items][:5]
             cand = items + extra
-            p = table.lookup([h], torch.tensor([cand]), 0.5, on.cfg.max_history)[0]
+            p = lookup(table.dists([h], 0.5, on.cfg.max_history), torch.tensor([cand]))[0]
             expect = torch.logaddexp(torch.tensor(scores + [float("-inf")] * len(extra)) + math.log(0.4),
                                      torch.log(0.6 * p))
             order = torch.argsort(expect, descending=True, stable=True)[:10]
